@@ -1,0 +1,168 @@
+//! Relay tuning: every limit and duration that relay-protocol.md §0 calls a default.
+//!
+//! `RelayConf` is plain data (serde, no I/O). The binary builds it from its configuration
+//! sources; tests build it directly with short timer values.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Tuning of the relay module. Every field has the default of relay-protocol.md §0.
+///
+/// Sizes are in bytes, durations in milliseconds (the field names carry the unit).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConf {
+    /// Largest message (after reassembly of fragments) on a data, client or v1 socket.
+    /// Over it the sender is closed 1009 `Message too big`. Default 32 MiB (spec §0).
+    pub max_message_bytes: usize,
+    /// Largest message on a v2 control socket. Default 64 KiB (spec §0).
+    pub max_control_message_bytes: usize,
+    /// Longest serverId or connectionId, in bytes after decoding; longer ones get 400.
+    /// Default 256 (spec §0).
+    pub max_id_bytes: usize,
+    /// Late-daemon buffer: frames kept per connectionId (newest win). Default 200 (spec §3.7).
+    pub pending_max_frames: usize,
+    /// Late-daemon buffer: payload bytes kept per connectionId. Default 32 MiB (spec §0).
+    pub pending_max_bytes: usize,
+    /// Process-wide budget for all late-daemon buffers; a client frame that would exceed it
+    /// closes that client 1013 `Relay ingress capacity`. Default 256 MiB (spec §0).
+    pub pending_budget_bytes: usize,
+    /// Outbound queue of one socket, in payload bytes. A forwarder waits while it is full.
+    /// A single message larger than the queue is still accepted when the queue is empty.
+    /// Default 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// How long a forwarder waits for room in a full outbound queue before the destination
+    /// is closed 1013 `Slow consumer`. Default 30 000 ms (spec §0).
+    pub slow_consumer_timeout_ms: u64,
+    /// Nudge: `sync` to the control this long after a client attaches while its connectionId
+    /// has no data socket. Default 10 000 ms (spec §3.8).
+    pub nudge_after_ms: u64,
+    /// Reset: the control is closed 1011 `Control unresponsive` this long after a client
+    /// attaches if its connectionId still has no data socket. Default 15 000 ms (spec §3.8).
+    pub reset_after_ms: u64,
+    /// Interval of the relay's RFC 6455 pings on every socket. Default 30 000 ms (spec §0).
+    pub ping_interval_ms: u64,
+    /// A socket from which nothing has arrived for this long is closed 1001 `Ping timeout`.
+    /// Default 90 000 ms (spec §0).
+    pub ping_timeout_ms: u64,
+    /// After the relay sends a close frame, how long it waits for the peer's close before
+    /// dropping the TCP connection. Default 5 000 ms.
+    pub close_grace_ms: u64,
+}
+
+impl Default for RelayConf {
+    fn default() -> Self {
+        RelayConf {
+            max_message_bytes: 32 << 20,
+            max_control_message_bytes: 64 << 10,
+            max_id_bytes: 256,
+            pending_max_frames: 200,
+            pending_max_bytes: 32 << 20,
+            pending_budget_bytes: 256 << 20,
+            outbound_queue_bytes: 1 << 20,
+            slow_consumer_timeout_ms: 30_000,
+            nudge_after_ms: 10_000,
+            reset_after_ms: 15_000,
+            ping_interval_ms: 30_000,
+            ping_timeout_ms: 90_000,
+            close_grace_ms: 5_000,
+        }
+    }
+}
+
+impl RelayConf {
+    /// Checks the values against each other; the error names the key and what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max_message_bytes", self.max_message_bytes as u64),
+            (
+                "max_control_message_bytes",
+                self.max_control_message_bytes as u64,
+            ),
+            ("max_id_bytes", self.max_id_bytes as u64),
+            ("pending_max_frames", self.pending_max_frames as u64),
+            ("outbound_queue_bytes", self.outbound_queue_bytes as u64),
+            ("slow_consumer_timeout_ms", self.slow_consumer_timeout_ms),
+            ("nudge_after_ms", self.nudge_after_ms),
+            ("ping_interval_ms", self.ping_interval_ms),
+            ("ping_timeout_ms", self.ping_timeout_ms),
+            ("close_grace_ms", self.close_grace_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("relay.{key}: must be greater than 0"));
+            }
+        }
+        if self.reset_after_ms <= self.nudge_after_ms {
+            return Err(format!(
+                "relay.reset_after_ms: must be greater than relay.nudge_after_ms ({} ms)",
+                self.nudge_after_ms
+            ));
+        }
+        if self.ping_timeout_ms <= self.ping_interval_ms {
+            return Err(format!(
+                "relay.ping_timeout_ms: must be greater than relay.ping_interval_ms ({} ms)",
+                self.ping_interval_ms
+            ));
+        }
+        if self.outbound_queue_bytes > u32::MAX as usize {
+            return Err("relay.outbound_queue_bytes: must be at most 4 GiB".to_string());
+        }
+        Ok(())
+    }
+
+    /// [`Self::slow_consumer_timeout_ms`] as a `Duration`.
+    pub fn slow_consumer_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_consumer_timeout_ms)
+    }
+    /// [`Self::nudge_after_ms`] as a `Duration`.
+    pub fn nudge_after(&self) -> Duration {
+        Duration::from_millis(self.nudge_after_ms)
+    }
+    /// [`Self::reset_after_ms`] as a `Duration`.
+    pub fn reset_after(&self) -> Duration {
+        Duration::from_millis(self.reset_after_ms)
+    }
+    /// [`Self::ping_interval_ms`] as a `Duration`.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    /// [`Self::ping_timeout_ms`] as a `Duration`.
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms)
+    }
+    /// [`Self::close_grace_ms`] as a `Duration`.
+    pub fn close_grace(&self) -> Duration {
+        Duration::from_millis(self.close_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_spec_values_and_valid() {
+        let c = RelayConf::default();
+        assert_eq!(c.max_message_bytes, 33_554_432);
+        assert_eq!(c.max_control_message_bytes, 65_536);
+        assert_eq!(c.pending_max_frames, 200);
+        assert_eq!(c.nudge_after(), Duration::from_secs(10));
+        assert_eq!(c.reset_after(), Duration::from_secs(15));
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn reset_must_follow_nudge() {
+        let c = RelayConf {
+            reset_after_ms: 10_000,
+            ..RelayConf::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(
+                "relay.reset_after_ms: must be greater than relay.nudge_after_ms (10000 ms)".into()
+            )
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! paseo-relay's relay module: the Paseo relay protocol (v1 and v2) served in-process by a
+//! Pingora `ProxyHttp` service. The wire contract is `relay-protocol.md` (shared with the
+//! project); section numbers in docs refer to it.
+//!
+//! ```text
+//!                     ┌──────────── Pingora HTTP/1 listener ─────────────┐
+//!  daemon control ──▶ │ RelayProxy::request_filter                       │
+//!  daemon data(x) ──▶ │   /health → 200, /ws → params → handshake → 101  │
+//!  app client(x)  ──▶ │   other → 404                                    │
+//!                     └──────┬───────────────────────────────────────────┘
+//!                            │ raw stream taken out of Pingora after the 101
+//!                            ▼
+//!          conn::run: reader task + writer task per socket (Outbox, bounded in bytes)
+//!                            │ attach / forward / detach
+//!                            ▼
+//!          SessionHub ─▶ Session (version, serverId): control, data(x), clients(x),
+//!                        late-daemon buffer per x; nudge/reset timers (timers.rs)
+//! ```
+//!
+//! Only `service` and `conn` know Pingora or socket types; `hub`, `session`, `buffer`,
+//! `params`, `handshake` and `protocol` are plain Rust with unit tests.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod buffer;
+pub mod config;
+pub mod conn;
+pub mod handshake;
+pub mod hub;
+pub mod outbox;
+pub mod params;
+pub mod protocol;
+pub mod service;
+pub mod session;
+pub mod timers;
+
+pub use config::RelayConf;
+pub use hub::SessionHub;
+pub use service::{relay_service, RelayProxy};

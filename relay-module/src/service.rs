@@ -1,0 +1,187 @@
+//! `RelayProxy`: the Pingora `ProxyHttp` module that answers the relay's HTTP surface
+//! (relay-protocol.md §0 "HTTP surface", §1) and hands accepted `/ws` sockets to
+//! [`crate::conn::run`].
+//!
+//! Flow of a `/ws` request in `request_filter`: query parameters ([`crate::params`]) →
+//! RFC 6455 handshake ([`crate::handshake`]) → attach to the session (on-connect frames are
+//! queued) → 101 written by Pingora → pipelined bytes collected → the raw stream is swapped
+//! out of Pingora's session and given to a spawned socket task → `Ok(true)`, which ends
+//! Pingora's handling of the request.
+
+use crate::conn;
+use crate::handshake::{self, HandshakeError};
+use crate::hub::SessionHub;
+use crate::outbox::Outbox;
+use crate::params;
+use crate::protocol::{assign_connection_id, SocketKind};
+use crate::timers;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use log::{debug, info, warn};
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
+use pingora::proxy::{http_proxy_service_with_name, HttpProxy, ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+use pingora::{Error, ErrorType, Result};
+use std::sync::Arc;
+
+/// Body of `GET /health` (spec §1.1): 15 bytes, `application/json`.
+pub const HEALTH_BODY: &str = r#"{"status":"ok"}"#;
+/// Body of every unknown path (spec §1.1).
+pub const NOT_FOUND_BODY: &str = "Not found";
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// The relay as a Pingora `ProxyHttp` application. Cheap to clone the hub into it.
+pub struct RelayProxy {
+    hub: Arc<SessionHub>,
+}
+
+impl RelayProxy {
+    /// A relay serving the sessions of `hub`.
+    pub fn new(hub: Arc<SessionHub>) -> Self {
+        RelayProxy { hub }
+    }
+}
+
+/// Builds the Pingora service that serves the relay on each address of `listen`
+/// (`host:port`, plain TCP). The binary and the integration tests both use this.
+pub fn relay_service(
+    server_conf: &Arc<ServerConf>,
+    hub: Arc<SessionHub>,
+    listen: &[String],
+) -> Service<HttpProxy<RelayProxy>> {
+    let mut service =
+        http_proxy_service_with_name(server_conf, RelayProxy::new(hub), "paseo-relay");
+    for addr in listen {
+        service.add_tcp(addr);
+    }
+    service
+}
+
+/// Writes a complete response with an exact body and `Content-Type`.
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: &'static str,
+    extra: Option<(&'static str, &'static str)>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", content_type)?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    if let Some((name, value)) = extra {
+        resp.insert_header(name, value)?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await
+}
+
+/// A Pingora session over an empty in-memory stream, left in place of the real one after
+/// its stream is taken, so that Pingora's end-of-request handling finds a valid request.
+async fn placeholder_session() -> ServerSession {
+    let io = std::io::Cursor::new(b"GET /ws HTTP/1.1\r\nHost: relay\r\n\r\n".to_vec());
+    let mut placeholder = ServerSession::new_http1(Box::new(io));
+    // Reading from an in-memory buffer cannot fail; a failure would only leave it empty.
+    let _ = placeholder.read_request().await;
+    placeholder.set_keepalive(None);
+    placeholder
+}
+
+impl RelayProxy {
+    async fn upgrade(&self, session: &mut Session) -> Result<()> {
+        let conf = self.hub.conf();
+        let req = session.req_header();
+        let query = req.uri.query().unwrap_or("");
+        let params = match params::parse(query, conf.max_id_bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!("/ws rejected: {e}");
+                return respond(session, 400, TEXT_PLAIN, e.body(), None).await;
+            }
+        };
+        let has_body = handshake::declares_body(&req.headers);
+        let accept = match handshake::validate(req.as_ref(), has_body) {
+            Ok(accept) => accept,
+            Err(e) => {
+                debug!("/ws rejected: {e}");
+                let extra =
+                    (e == HandshakeError::BadVersion).then_some(("Sec-WebSocket-Version", "13"));
+                return respond(session, e.status(), TEXT_PLAIN, e.body(), extra).await;
+            }
+        };
+
+        let kind = params.socket_kind(assign_connection_id);
+        let (outbox, rx) = Outbox::new(conf.outbound_queue_bytes);
+        let (att, nudge) =
+            self.hub
+                .attach((params.version, params.server_id), kind, Arc::new(outbox));
+
+        let mut resp = ResponseHeader::build(101, Some(3))?;
+        resp.insert_header("Upgrade", "websocket")?;
+        resp.insert_header("Connection", "Upgrade")?;
+        resp.insert_header("Sec-WebSocket-Accept", accept)?;
+        let downstream = &mut session.downstream_session;
+        if let Err(e) = downstream.write_response_header(Box::new(resp)).await {
+            debug!("/ws: writing the 101 failed: {e}");
+            att.detach();
+            return Ok(());
+        }
+        // Bytes the peer pipelined behind its request head (already-read frames).
+        let preread = match downstream.read_request_body().now_or_never() {
+            Some(Ok(Some(bytes))) => bytes.to_vec(),
+            _ => Vec::new(),
+        };
+        let taken = std::mem::replace(&mut **downstream, placeholder_session().await);
+        let ServerSession::H1(h1) = taken else {
+            warn!("/ws: upgrade on a non-HTTP/1 session");
+            att.detach();
+            return Ok(());
+        };
+        let stream = h1.into_inner();
+
+        info!("{}: attached", att.describe());
+        if nudge {
+            if let SocketKind::Client(x) = &att.kind {
+                timers::spawn_nudge(
+                    att.session().clone(),
+                    x.clone(),
+                    conf.nudge_after(),
+                    conf.reset_after(),
+                );
+            }
+        }
+        tokio::spawn(conn::run(stream, preread, att, rx));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for RelayProxy {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    /// Every request is answered here: the relay has no upstream (routes come later).
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool> {
+        match session.req_header().uri.path() {
+            "/health" => respond(session, 200, "application/json", HEALTH_BODY, None).await?,
+            "/ws" => self.upgrade(session).await?,
+            _ => respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await?,
+        }
+        Ok(true)
+    }
+
+    /// Unreachable: `request_filter` answers every request.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::HTTPStatus(404), "no upstream configured")
+    }
+}

@@ -1,0 +1,497 @@
+//! One session (serverId and protocol version): which sockets it holds and where each frame
+//! goes (relay-protocol.md §2, §3). Routing decisions only: a `Session` is always used under
+//! its mutex and never awaits; it queues control messages and close requests into the
+//! sockets' [`Outbox`]es, which never block.
+
+use crate::buffer::{BufferBudget, PendingFrames};
+use crate::config::RelayConf;
+use crate::outbox::Outbox;
+use crate::protocol::{close, ControlMessage, Role, SocketKind};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A socket as a session knows it: a process-unique id and its outbound queue.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Process-unique socket id (tells a replaced socket from its successor).
+    pub id: u64,
+    /// The socket's outbound queue.
+    pub outbox: Arc<Outbox>,
+}
+
+/// The client sockets of one connectionId and the frames they sent before a data socket.
+#[derive(Debug, Default)]
+struct ClientGroup {
+    sockets: Vec<Peer>,
+    pending: PendingFrames,
+}
+
+/// Where a data frame from a socket goes.
+#[derive(Debug)]
+pub enum Forward {
+    /// Nowhere: no peer (v1), no client (data socket), control frame, stale socket.
+    Drop,
+    /// To one socket.
+    One(Arc<Outbox>, Message),
+    /// To each of these sockets, in order (fan-out from a data socket).
+    Many(Vec<Arc<Outbox>>, Message),
+    /// Kept in the late-daemon buffer.
+    Buffered,
+    /// The process-wide buffer budget is spent: close the sender 1013.
+    OverBudget,
+}
+
+/// State of one session; see the module docs.
+#[derive(Debug, Default)]
+pub struct Session {
+    v1_server: Option<Peer>,
+    v1_client: Option<Peer>,
+    control: Option<Peer>,
+    data: HashMap<String, Peer>,
+    clients: HashMap<String, ClientGroup>,
+}
+
+fn text(msg: ControlMessage) -> Message {
+    Message::text(msg.to_json())
+}
+
+impl Session {
+    /// Whether no socket is attached (the hub then drops the session).
+    pub fn is_empty(&self) -> bool {
+        self.v1_server.is_none()
+            && self.v1_client.is_none()
+            && self.control.is_none()
+            && self.data.is_empty()
+            && self.clients.is_empty()
+    }
+
+    /// The `sync` message: every connectionId with at least one client socket (spec §3.4).
+    pub fn sync_message(&self) -> ControlMessage {
+        ControlMessage::Sync {
+            connection_ids: self.clients.keys().cloned().collect(),
+        }
+    }
+
+    fn notify_control(&self, msg: ControlMessage) {
+        if let Some(control) = &self.control {
+            control.outbox.push_control(text(msg));
+        }
+    }
+
+    /// Registers a socket and queues its on-connect frames (spec §2, §3.3, §3.5). A socket of
+    /// the same slot is closed 1008 `Replaced by new connection` first. Returns true when a
+    /// nudge timer must start for a client's connectionId (spec §3.8).
+    pub fn attach(&mut self, kind: &SocketKind, peer: Peer, budget: &BufferBudget) -> bool {
+        let replaced = match kind {
+            SocketKind::V1(Role::Server) => self.v1_server.replace(peer),
+            SocketKind::V1(Role::Client) => self.v1_client.replace(peer),
+            SocketKind::Control => {
+                peer.outbox.push_control(text(self.sync_message()));
+                self.control.replace(peer)
+            }
+            SocketKind::Data(id) => {
+                if let Some(group) = self.clients.get_mut(id) {
+                    let (frames, bytes) = group.pending.take();
+                    budget.give_back(bytes);
+                    for frame in frames {
+                        peer.outbox.push_data_unbounded(frame);
+                    }
+                }
+                self.data.insert(id.clone(), peer)
+            }
+            SocketKind::Client(id) => {
+                self.clients
+                    .entry(id.clone())
+                    .or_default()
+                    .sockets
+                    .push(peer);
+                self.notify_control(ControlMessage::Connected {
+                    connection_id: id.clone(),
+                });
+                return true;
+            }
+        };
+        if let Some(old) = replaced {
+            old.outbox.close(close::POLICY, close::REPLACED);
+        }
+        false
+    }
+
+    /// Removes a socket that ended or that the relay closed, and runs the cascades of
+    /// spec §3.9. A socket that is no longer registered (replaced, cascaded) is ignored.
+    pub fn detach(&mut self, kind: &SocketKind, id: u64, budget: &BufferBudget) {
+        fn take_if(slot: &mut Option<Peer>, id: u64) {
+            if slot.as_ref().is_some_and(|p| p.id == id) {
+                *slot = None;
+            }
+        }
+        match kind {
+            SocketKind::V1(Role::Server) => take_if(&mut self.v1_server, id),
+            SocketKind::V1(Role::Client) => take_if(&mut self.v1_client, id),
+            SocketKind::Control => take_if(&mut self.control, id),
+            SocketKind::Data(x) => {
+                if self.data.get(x).is_some_and(|p| p.id == id) {
+                    self.data.remove(x);
+                    self.data_gone(x, budget);
+                }
+            }
+            SocketKind::Client(x) => {
+                let Some(group) = self.clients.get_mut(x) else {
+                    return;
+                };
+                group.sockets.retain(|p| p.id != id);
+                if group.sockets.is_empty() {
+                    self.last_client_gone(x, budget);
+                }
+            }
+        }
+    }
+
+    /// The current data socket of `x` is gone: its clients are closed 1012 and, as they are
+    /// all gone, `disconnected` follows (spec §3.9).
+    fn data_gone(&mut self, x: &str, budget: &BufferBudget) {
+        if let Some(group) = self.clients.get_mut(x) {
+            for client in group.sockets.drain(..) {
+                client
+                    .outbox
+                    .close(close::RESTART, close::SERVER_DISCONNECTED);
+            }
+            self.last_client_gone(x, budget);
+        }
+    }
+
+    /// The last client of `x` left: drop its buffer, close `D(x)` 1001, tell the control.
+    fn last_client_gone(&mut self, x: &str, budget: &BufferBudget) {
+        if let Some(group) = self.clients.remove(x) {
+            budget.give_back(group.pending.bytes());
+        }
+        if let Some(data) = self.data.remove(x) {
+            data.outbox
+                .close(close::GOING_AWAY, close::CLIENT_DISCONNECTED);
+        }
+        self.notify_control(ControlMessage::Disconnected {
+            connection_id: x.to_string(),
+        });
+    }
+
+    /// Decides where a data frame from socket `id` of `kind` goes (spec §2, §3.6, §3.7).
+    /// Frames of a client without a data socket are buffered here.
+    pub fn forward(
+        &mut self,
+        kind: &SocketKind,
+        id: u64,
+        msg: Message,
+        conf: &RelayConf,
+        budget: &BufferBudget,
+    ) -> Forward {
+        let one = |peer: &Option<Peer>, msg| match peer {
+            Some(p) => Forward::One(p.outbox.clone(), msg),
+            None => Forward::Drop,
+        };
+        match kind {
+            SocketKind::V1(Role::Server) => one(&self.v1_client, msg),
+            SocketKind::V1(Role::Client) => one(&self.v1_server, msg),
+            SocketKind::Control => Forward::Drop,
+            SocketKind::Data(x) => {
+                if !self.data.get(x).is_some_and(|p| p.id == id) {
+                    return Forward::Drop;
+                }
+                match self.clients.get(x).map(|g| g.sockets.as_slice()) {
+                    None | Some([]) => Forward::Drop,
+                    Some([only]) => Forward::One(only.outbox.clone(), msg),
+                    Some(all) => Forward::Many(all.iter().map(|p| p.outbox.clone()).collect(), msg),
+                }
+            }
+            SocketKind::Client(x) => {
+                let Some(group) = self.clients.get_mut(x) else {
+                    return Forward::Drop;
+                };
+                if !group.sockets.iter().any(|p| p.id == id) {
+                    return Forward::Drop;
+                }
+                if let Some(data) = self.data.get(x) {
+                    return Forward::One(data.outbox.clone(), msg);
+                }
+                if !budget.try_take(msg.len()) {
+                    return Forward::OverBudget;
+                }
+                let dropped =
+                    group
+                        .pending
+                        .push(msg, conf.pending_max_frames, conf.pending_max_bytes);
+                budget.give_back(dropped);
+                Forward::Buffered
+            }
+        }
+    }
+
+    /// Whether `x` has a client and no data socket: the condition of both nudge steps.
+    pub fn waiting_for_data(&self, x: &str) -> bool {
+        self.clients.contains_key(x) && !self.data.contains_key(x)
+    }
+
+    /// Nudge (spec §3.8, T0+10 s): sends `sync` to the control if `x` still waits.
+    pub fn nudge(&self, x: &str) {
+        if self.waiting_for_data(x) {
+            self.notify_control(self.sync_message());
+        }
+    }
+
+    /// Reset (spec §3.8, T0+15 s): closes the control 1011 `Control unresponsive` if `x`
+    /// still waits. The control is removed at once.
+    pub fn reset(&mut self, x: &str) {
+        if self.waiting_for_data(x) {
+            if let Some(control) = self.control.take() {
+                control
+                    .outbox
+                    .close(close::INTERNAL, close::CONTROL_UNRESPONSIVE);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Command, OutboxReceiver};
+
+    struct Sock {
+        peer: Peer,
+        rx: OutboxReceiver,
+    }
+
+    fn sock(id: u64) -> Sock {
+        let (outbox, rx) = Outbox::new(1 << 20);
+        Sock {
+            peer: Peer {
+                id,
+                outbox: Arc::new(outbox),
+            },
+            rx,
+        }
+    }
+
+    /// Everything queued on the socket's priority lane, as text or `close CODE REASON`.
+    fn drain(s: &mut Sock) -> Vec<String> {
+        let mut out = vec![];
+        while let Ok(cmd) = s.rx.priority.try_recv() {
+            out.push(match cmd {
+                Command::Send(m) => m.into_text().unwrap().to_string(),
+                Command::Close(f) => format!("close {} {}", u16::from(f.code), f.reason),
+            });
+        }
+        out
+    }
+
+    fn data(s: &mut Sock) -> Vec<Message> {
+        let mut out = vec![];
+        while let Ok((m, _)) = s.rx.data.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn fwd_text(f: Forward) -> Option<(usize, String)> {
+        match f {
+            Forward::One(_, m) => Some((1, m.into_text().unwrap().to_string())),
+            Forward::Many(v, m) => Some((v.len(), m.into_text().unwrap().to_string())),
+            _ => None,
+        }
+    }
+
+    fn client(x: &str) -> SocketKind {
+        SocketKind::Client(x.into())
+    }
+    fn data_kind(x: &str) -> SocketKind {
+        SocketKind::Data(x.into())
+    }
+
+    #[test]
+    fn control_gets_sync_with_current_clients_and_replacement_closes_old() {
+        let (b, mut s) = (BufferBudget::new(1 << 30), Session::default());
+        let (k1, k2, k3) = (sock(1), sock(2), sock(3));
+        assert!(s.attach(&client("a"), k1.peer.clone(), &b));
+        s.attach(&client("b"), k2.peer.clone(), &b);
+        s.attach(&client("a"), k3.peer.clone(), &b);
+        let mut c1 = sock(4);
+        s.attach(&SocketKind::Control, c1.peer.clone(), &b);
+        let sync = drain(&mut c1).pop().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&sync).unwrap();
+        let mut ids: Vec<_> = v["connectionIds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        let mut c2 = sock(5);
+        s.attach(&SocketKind::Control, c2.peer.clone(), &b);
+        assert_eq!(drain(&mut c1), ["close 1008 Replaced by new connection"]);
+        drain(&mut c2);
+        s.attach(&client("c"), sock(6).peer, &b);
+        assert_eq!(
+            drain(&mut c2),
+            [r#"{"type":"connected","connectionId":"c"}"#]
+        );
+        assert!(drain(&mut c1).is_empty());
+    }
+
+    #[test]
+    fn buffered_frames_flush_in_order_to_late_data_socket() {
+        let (conf, b, mut s) = (
+            RelayConf::default(),
+            BufferBudget::new(1 << 30),
+            Session::default(),
+        );
+        let k = sock(1);
+        s.attach(&client("a"), k.peer.clone(), &b);
+        for m in [
+            Message::text("f1"),
+            Message::binary(vec![2u8]),
+            Message::text("f3"),
+        ] {
+            assert!(matches!(
+                s.forward(&client("a"), 1, m, &conf, &b),
+                Forward::Buffered
+            ));
+        }
+        assert_eq!(b.used(), 5);
+        let mut d = sock(2);
+        s.attach(&data_kind("a"), d.peer.clone(), &b);
+        assert_eq!(b.used(), 0);
+        assert_eq!(
+            data(&mut d),
+            [
+                Message::text("f1"),
+                Message::binary(vec![2u8]),
+                Message::text("f3")
+            ]
+        );
+        assert_eq!(
+            fwd_text(s.forward(&client("a"), 1, Message::text("f4"), &conf, &b)),
+            Some((1, "f4".into()))
+        );
+    }
+
+    #[test]
+    fn last_client_leaving_closes_data_and_notifies_control() {
+        let (conf, b, mut s) = (
+            RelayConf::default(),
+            BufferBudget::new(1 << 30),
+            Session::default(),
+        );
+        let mut c = sock(1);
+        s.attach(&SocketKind::Control, c.peer.clone(), &b);
+        let (k1, k2, mut d) = (sock(2), sock(3), sock(4));
+        s.attach(&client("a"), k1.peer.clone(), &b);
+        s.attach(&client("a"), k2.peer.clone(), &b);
+        s.attach(&data_kind("a"), d.peer.clone(), &b);
+        assert_eq!(
+            fwd_text(s.forward(&data_kind("a"), 4, Message::text("m"), &conf, &b)),
+            Some((2, "m".into()))
+        );
+        drain(&mut c);
+        s.detach(&client("a"), 2, &b);
+        assert!(drain(&mut c).is_empty());
+        assert!(drain(&mut d).is_empty());
+        s.detach(&client("a"), 3, &b);
+        assert_eq!(
+            drain(&mut c),
+            [r#"{"type":"disconnected","connectionId":"a"}"#]
+        );
+        assert_eq!(drain(&mut d), ["close 1001 Client disconnected"]);
+        s.detach(&data_kind("a"), 4, &b); // the data socket's own end: no second notice
+        assert!(drain(&mut c).is_empty());
+        s.detach(&SocketKind::Control, 1, &b);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn data_close_cascades_1012_but_replacement_does_not() {
+        let (b, mut s) = (BufferBudget::new(1 << 30), Session::default());
+        let mut c = sock(1);
+        s.attach(&SocketKind::Control, c.peer.clone(), &b);
+        let (mut k, mut d1, mut d2) = (sock(2), sock(3), sock(4));
+        s.attach(&client("a"), k.peer.clone(), &b);
+        s.attach(&data_kind("a"), d1.peer.clone(), &b);
+        s.attach(&data_kind("a"), d2.peer.clone(), &b);
+        assert_eq!(drain(&mut d1), ["close 1008 Replaced by new connection"]);
+        s.detach(&data_kind("a"), 3, &b);
+        assert!(drain(&mut k).is_empty());
+        drain(&mut c);
+        s.detach(&data_kind("a"), 4, &b);
+        assert_eq!(drain(&mut k), ["close 1012 Server disconnected"]);
+        assert!(drain(&mut d2).is_empty());
+        assert_eq!(
+            drain(&mut c),
+            [r#"{"type":"disconnected","connectionId":"a"}"#]
+        );
+    }
+
+    #[test]
+    fn nudge_and_reset_only_while_waiting() {
+        let (b, mut s) = (BufferBudget::new(1 << 30), Session::default());
+        let mut c = sock(1);
+        s.attach(&SocketKind::Control, c.peer.clone(), &b);
+        s.attach(&client("a"), sock(2).peer, &b);
+        drain(&mut c);
+        s.nudge("a");
+        assert_eq!(drain(&mut c), [r#"{"type":"sync","connectionIds":["a"]}"#]);
+        s.attach(&data_kind("a"), sock(3).peer, &b);
+        s.nudge("a");
+        s.reset("a");
+        assert!(drain(&mut c).is_empty());
+        s.detach(&data_kind("a"), 3, &b);
+        s.attach(&client("z"), sock(4).peer, &b);
+        drain(&mut c);
+        s.reset("z");
+        assert_eq!(drain(&mut c), ["close 1011 Control unresponsive"]);
+    }
+
+    #[test]
+    fn v1_forwards_to_the_other_role_without_buffering() {
+        let (conf, b, mut s) = (
+            RelayConf::default(),
+            BufferBudget::new(1 << 30),
+            Session::default(),
+        );
+        let server = SocketKind::V1(Role::Server);
+        let client = SocketKind::V1(Role::Client);
+        s.attach(&client, sock(1).peer, &b);
+        assert!(matches!(
+            s.forward(&client, 1, Message::text("early"), &conf, &b),
+            Forward::Drop
+        ));
+        s.attach(&server, sock(2).peer, &b);
+        assert_eq!(
+            fwd_text(s.forward(&client, 1, Message::text("x"), &conf, &b)),
+            Some((1, "x".into()))
+        );
+        assert_eq!(
+            fwd_text(s.forward(&server, 2, Message::text("y"), &conf, &b)),
+            Some((1, "y".into()))
+        );
+    }
+
+    #[test]
+    fn budget_exhaustion_is_reported() {
+        let (conf, b, mut s) = (
+            RelayConf::default(),
+            BufferBudget::new(4),
+            Session::default(),
+        );
+        s.attach(&client("a"), sock(1).peer, &b);
+        assert!(matches!(
+            s.forward(&client("a"), 1, Message::text("abc"), &conf, &b),
+            Forward::Buffered
+        ));
+        assert!(matches!(
+            s.forward(&client("a"), 1, Message::text("de"), &conf, &b),
+            Forward::OverBudget
+        ));
+        s.detach(&client("a"), 1, &b);
+        assert_eq!(b.used(), 0);
+    }
+}
