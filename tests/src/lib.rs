@@ -350,3 +350,23 @@ pub fn control_json(text: &str) -> (String, Vec<String>) {
 pub fn sid(name: &str) -> String {
     format!("srv_{name}_{:08x}", rand::random::<u32>())
 }
+
+/// Round-trips an RFC 6455 ping on `ws`: the relay's reader handles a socket's frames in
+/// order, so once the pong is back every frame sent before the ping has been processed.
+/// Panics if a data frame arrives meanwhile.
+pub async fn barrier(ws: &mut Ws) {
+    ws.send(Message::Ping(b"barrier".to_vec().into()))
+        .await
+        .expect("send ping");
+    tokio::time::timeout(WITHIN, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(p))) if p.as_ref() == b"barrier" => return,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected the barrier pong, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("barrier pong within the deadline")
+}
