@@ -1,7 +1,8 @@
 //! `paseo-relay`: the Paseo relay served by Pingora.
 //!
-//! Run: `paseo-relay --listen 0.0.0.0:8080`, then point a daemon at it
-//! (`PASEO_RELAY_ENDPOINT=host:8080`) and check `curl http://127.0.0.1:8080/health`.
+//! Run: `paseo-relay --listen 0.0.0.0:8080 [-c conf/paseo-relay.example.yaml]`, then point a
+//! daemon at it (`PASEO_RELAY_ENDPOINT=host:8080`) and check
+//! `curl http://127.0.0.1:8080/health`.
 
 use clap::Parser;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -11,11 +12,7 @@ use relay_module::{relay_service, RelayConf, SessionHub};
 /// Command line: Pingora's own flags (`-u/--upgrade`, `-d/--daemon`, `-t/--test`,
 /// `-c/--conf`) keep their Pingora meaning; ours are added beside them.
 #[derive(Parser, Debug)]
-#[command(
-    name = "paseo-relay",
-    version,
-    about = "Self-hosted Paseo relay on Pingora"
-)]
+#[command(name = "paseo-relay", version, about = "Self-hosted Paseo relay on Pingora")]
 struct Cli {
     #[command(flatten)]
     pingora: Opt,
@@ -27,41 +24,55 @@ struct Cli {
     log_level: String,
 }
 
-/// Pingora settings: the file given with `-c` if any, else defaults, with our own defaults
-/// for what Pingora leaves long (grace 10 s, shutdown 5 s, one thread per CPU).
-fn server_conf(opt: &Opt) -> Result<ServerConf, String> {
-    let mut conf = match &opt.conf {
-        Some(path) => ServerConf::load_from_yaml(path).map_err(|e| format!("{path}: {e}"))?,
-        None => ServerConf {
-            grace_period_seconds: Some(10),
-            graceful_shutdown_timeout_seconds: Some(5),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ..ServerConf::default()
-        },
+/// Pingora's settings and the relay's, from the YAML file given with `-c` (Pingora's keys at
+/// the top level, ours under `relay:`) or from defaults. Where the file is silent, Pingora's
+/// long defaults are replaced by ours: grace period 10 s, shutdown timeout 5 s, one worker
+/// thread per CPU.
+fn load(opt: &Opt) -> Result<(ServerConf, RelayConf), String> {
+    let (mut server, relay, threads_set) = match &opt.conf {
+        None => (ServerConf::default(), RelayConf::default(), false),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+            let server = ServerConf::from_yaml(&text).map_err(|e| format!("{path}: {e}"))?;
+            let value: serde_yaml::Value =
+                serde_yaml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+            let relay = match value.get("relay") {
+                Some(section) => serde_yaml::from_value(section.clone())
+                    .map_err(|e| format!("{path}: relay: {e}"))?,
+                None => RelayConf::default(),
+            };
+            (server, relay, value.get("threads").is_some())
+        }
     };
-    conf.merge_with_opt(opt);
-    Ok(conf)
+    relay.validate()?;
+    server.grace_period_seconds.get_or_insert(10);
+    server.graceful_shutdown_timeout_seconds.get_or_insert(5);
+    if !threads_set {
+        server.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    server.merge_with_opt(opt);
+    Ok((server, relay))
 }
 
 fn main() {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
         .init();
-    let conf = match server_conf(&cli.pingora) {
-        Ok(conf) => conf,
+    let (server_conf, relay_conf) = match load(&cli.pingora) {
+        Ok(confs) => confs,
         Err(e) => {
             eprintln!("paseo-relay: {e}");
             std::process::exit(1);
         }
     };
-    let relay = RelayConf::default();
+    // The file was read above; Pingora must not read it again.
     let opt = Opt {
         conf: None,
         ..cli.pingora
     };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
     server.bootstrap();
-    let hub = SessionHub::new(relay);
+    let hub = SessionHub::new(relay_conf);
     let service = relay_service(&server.configuration, hub, &cli.listen);
     server.add_service(service);
     log::info!("paseo-relay listening on {}", cli.listen.join(", "));
