@@ -12,7 +12,11 @@ use relay_module::{relay_service, RelayConf, SessionHub};
 /// Command line: Pingora's own flags (`-u/--upgrade`, `-d/--daemon`, `-t/--test`,
 /// `-c/--conf`) keep their Pingora meaning; ours are added beside them.
 #[derive(Parser, Debug)]
-#[command(name = "paseo-relay", version, about = "Self-hosted Paseo relay on Pingora")]
+#[command(
+    name = "paseo-relay",
+    version,
+    about = "Self-hosted Paseo relay on Pingora"
+)]
 struct Cli {
     #[command(flatten)]
     pingora: Opt,

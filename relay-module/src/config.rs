@@ -20,6 +20,9 @@ pub struct RelayConf {
     /// Longest serverId or connectionId, in bytes after decoding; longer ones get 400.
     /// Default 256 (spec §0).
     pub max_id_bytes: usize,
+    /// Largest request head (request target plus header names and values) the relay answers;
+    /// a larger one gets 431 `Request header fields too large`. Default 64 KiB.
+    pub max_request_head_bytes: usize,
     /// Late-daemon buffer: frames kept per connectionId (newest win). Default 200 (spec §3.7).
     pub pending_max_frames: usize,
     /// Late-daemon buffer: payload bytes kept per connectionId. Default 32 MiB (spec §0).
@@ -56,6 +59,7 @@ impl Default for RelayConf {
             max_message_bytes: 32 << 20,
             max_control_message_bytes: 64 << 10,
             max_id_bytes: 256,
+            max_request_head_bytes: 64 << 10,
             pending_max_frames: 200,
             pending_max_bytes: 32 << 20,
             pending_budget_bytes: 256 << 20,
@@ -80,6 +84,7 @@ impl RelayConf {
                 self.max_control_message_bytes as u64,
             ),
             ("max_id_bytes", self.max_id_bytes as u64),
+            ("max_request_head_bytes", self.max_request_head_bytes as u64),
             ("pending_max_frames", self.pending_max_frames as u64),
             ("outbound_queue_bytes", self.outbound_queue_bytes as u64),
             ("slow_consumer_timeout_ms", self.slow_consumer_timeout_ms),

@@ -19,9 +19,12 @@ use crate::session::Forward;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use log::{debug, info, warn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
@@ -59,6 +62,7 @@ where
 {
     let conf = att.conf().clone();
     let config = ws_config(&att.kind, &conf);
+    let (stream, activity) = Activity::new(stream);
     let ws =
         WebSocketStream::from_partially_read(stream, preread, WsRole::Server, Some(config)).await;
     let (sink, stream) = ws.split();
@@ -68,9 +72,88 @@ where
         att.outbox.clone(),
         conf.ping_interval(),
     ));
-    read_loop(stream, writer, &att, &conf).await;
+    read_loop(stream, writer, &att, &conf, &activity).await;
     att.detach();
     info!("{}: closed", att.describe());
+}
+
+/// Wraps a socket's stream and records when bytes last arrived, so that any inbound
+/// traffic (including the frames of a message still being reassembled) counts as life for
+/// the ping timeout (spec §0 "Liveness").
+struct Activity<S> {
+    inner: S,
+    clock: Arc<LastRead>,
+}
+
+/// Milliseconds from `base` to the last read that returned bytes.
+struct LastRead {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl LastRead {
+    /// When bytes last arrived.
+    fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl<S> Activity<S> {
+    fn new(inner: S) -> (Self, Arc<LastRead>) {
+        let clock = Arc::new(LastRead {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        });
+        (
+            Activity {
+                inner,
+                clock: clock.clone(),
+            },
+            clock,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let ms = self.clock.base.elapsed().as_millis() as u64;
+            self.clock.last_ms.store(ms, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// How the writer ended.
@@ -86,15 +169,15 @@ async fn read_loop<S>(
     mut writer: tokio::task::JoinHandle<WriterEnd>,
     att: &Attachment,
     conf: &crate::RelayConf,
+    activity: &LastRead,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut last_rx = Instant::now();
     let mut grace: Option<Instant> = None;
     let mut stream_done = false;
     let mut writer_done = false;
     loop {
-        let deadline = grace.unwrap_or(last_rx + conf.ping_timeout());
+        let deadline = grace.unwrap_or(activity.last() + conf.ping_timeout());
         tokio::select! {
             biased;
             _ = att.outbox.closed(), if grace.is_none() => {
@@ -112,15 +195,15 @@ async fn read_loop<S>(
                     debug!("{}: no close reply within the grace period", att.describe());
                     break;
                 }
+                if activity.last() + conf.ping_timeout() > Instant::now() {
+                    continue; // bytes arrived meanwhile: the deadline moved
+                }
                 info!("{}: nothing received for {:?}, closing", att.describe(), conf.ping_timeout());
                 att.outbox.close(close::GOING_AWAY, close::PING_TIMEOUT);
             }
             frame = stream.next(), if !stream_done => match frame {
                 None => break,
-                Some(Ok(msg)) => {
-                    last_rx = Instant::now();
-                    on_message(msg, att, conf).await;
-                }
+                Some(Ok(msg)) => on_message(msg, att, conf).await,
                 Some(Err(e)) => {
                     stream_done = true;
                     match close_for_error(&e) {

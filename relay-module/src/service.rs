@@ -32,7 +32,20 @@ use std::sync::Arc;
 pub const HEALTH_BODY: &str = r#"{"status":"ok"}"#;
 /// Body of every unknown path (spec §1.1).
 pub const NOT_FOUND_BODY: &str = "Not found";
+/// Body of the 431 for a request head over `max_request_head_bytes`.
+pub const HEAD_TOO_LARGE_BODY: &str = "Request header fields too large";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Size of a request head as the relay counts it: request target plus every header name and
+/// value, each header with its `": "` and CRLF.
+fn head_bytes(req: &pingora::http::RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    req.headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + target
+}
 
 /// The relay as a Pingora `ProxyHttp` application. Cheap to clone the hub into it.
 pub struct RelayProxy {
@@ -168,6 +181,13 @@ impl ProxyHttp for RelayProxy {
 
     /// Every request is answered here: the relay has no upstream (routes come later).
     async fn request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool> {
+        let head = head_bytes(session.req_header());
+        if head > self.hub.conf().max_request_head_bytes {
+            debug!("request head of {head} bytes refused");
+            session.set_keepalive(None);
+            respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, None).await?;
+            return Ok(true);
+        }
         match session.req_header().uri.path() {
             "/health" => respond(session, 200, "application/json", HEALTH_BODY, None).await?,
             "/ws" => self.upgrade(session).await?,

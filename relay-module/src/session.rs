@@ -194,7 +194,7 @@ impl Session {
             SocketKind::V1(Role::Client) => one(&self.v1_server, msg),
             SocketKind::Control => Forward::Drop,
             SocketKind::Data(x) => {
-                if !self.data.get(x).is_some_and(|p| p.id == id) {
+                if self.data.get(x).is_none_or(|p| p.id != id) {
                     return Forward::Drop;
                 }
                 match self.clients.get(x).map(|g| g.sockets.as_slice()) {

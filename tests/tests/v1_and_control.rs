@@ -1,6 +1,6 @@
-//! v1 (relay-protocol.md §2) and the v2 control socket (§3.4): §9 cases 14-27 and 30.
+//! v1 (relay-protocol.md §2) and the v2 control socket (§3.4): §9 cases 14-27 and 30
+//! (case 28, the protocol ping, is in timers_and_limits.rs).
 
-use futures_util::{SinkExt, StreamExt};
 use relay_tests::*;
 use std::time::Duration;
 
@@ -202,19 +202,6 @@ async fn case26_and_27_other_control_input_is_ignored() {
     assert_silent(&mut c, QUIET).await;
     send_text(&mut c, r#"{"type":"ping"}"#).await;
     assert_pong(&recv_text(&mut c).await);
-}
-
-#[tokio::test]
-async fn case28_protocol_ping_on_control() {
-    let relay = TestRelay::start().await;
-    let (mut c, _) = relay.control_synced(&sid("c28")).await;
-    c.send(Message::Ping(b"p1".to_vec().into())).await.unwrap();
-    let got = tokio::time::timeout(WITHIN, c.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, Message::Pong(b"p1".to_vec().into()));
 }
 
 #[tokio::test]
