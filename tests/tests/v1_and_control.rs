@@ -217,3 +217,72 @@ async fn case30_control_frames_are_not_forwarded() {
     assert_silent(&mut k, QUIET).await;
     assert_silent(&mut d, Duration::from_millis(100)).await;
 }
+
+/// A masked client text frame (FIN set, payload under 126 bytes).
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Splits unmasked server frames (payloads under 126 bytes) into (first byte, payload).
+fn server_frames(mut bytes: &[u8]) -> Vec<(u8, String)> {
+    let mut frames = vec![];
+    while bytes.len() >= 2 && bytes.len() >= 2 + (bytes[1] & 0x7f) as usize {
+        let len = (bytes[1] & 0x7f) as usize;
+        frames.push((
+            bytes[0],
+            String::from_utf8_lossy(&bytes[2..2 + len]).to_string(),
+        ));
+        bytes = &bytes[2 + len..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn frames_pipelined_behind_the_request_head_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = TestRelay::start().await;
+    let s = sid("pipe");
+    let mut request = format!(
+        "GET /ws?serverId={s}&role=server&v=2 HTTP/1.1\r\nHost: r\r\n{UPGRADE_HEADERS}\r\n"
+    )
+    .into_bytes();
+    request.extend(masked_text(br#"{"type":"ping"}"#));
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    tcp.write_all(&request).await.unwrap(); // head and frame in one write
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let frames = tokio::time::timeout(WITHIN, async {
+        loop {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(
+                    got.starts_with(b"HTTP/1.1 101"),
+                    "{:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                let frames = server_frames(&got[i + 4..]);
+                if frames.len() >= 2 {
+                    return frames;
+                }
+            }
+        }
+    })
+    .await
+    .expect("101, sync and pong in time");
+    assert_eq!(
+        frames[0],
+        (0x81, r#"{"type":"sync","connectionIds":[]}"#.to_string())
+    );
+    assert_eq!(frames[1].0, 0x81);
+    assert!(
+        frames[1].1.starts_with(r#"{"type":"pong","ts":"#),
+        "{}",
+        frames[1].1
+    );
+}
