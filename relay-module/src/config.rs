@@ -6,6 +6,9 @@
 use serde::Deserialize;
 use std::time::Duration;
 
+/// Longest duration any timer setting may have: 30 days, in ms.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// Tuning of the relay module. Every field has the default of relay-protocol.md §0.
 ///
 /// Sizes are in bytes, durations in milliseconds (the field names carry the unit).
@@ -109,6 +112,27 @@ impl RelayConf {
                 "relay.ping_timeout_ms: must be greater than relay.ping_interval_ms ({} ms)",
                 self.ping_interval_ms
             ));
+        }
+        if self.slow_consumer_timeout_ms >= self.ping_timeout_ms {
+            return Err(format!(
+                "relay.slow_consumer_timeout_ms: must be less than relay.ping_timeout_ms ({} ms)",
+                self.ping_timeout_ms
+            ));
+        }
+        let durations = [
+            ("slow_consumer_timeout_ms", self.slow_consumer_timeout_ms),
+            ("nudge_after_ms", self.nudge_after_ms),
+            ("reset_after_ms", self.reset_after_ms),
+            ("ping_interval_ms", self.ping_interval_ms),
+            ("ping_timeout_ms", self.ping_timeout_ms),
+            ("close_grace_ms", self.close_grace_ms),
+        ];
+        for (key, ms) in durations {
+            if ms > MAX_DURATION_MS {
+                return Err(format!(
+                    "relay.{key}: must be at most {MAX_DURATION_MS} ms (30 days)"
+                ));
+            }
         }
         if self.outbound_queue_bytes > u32::MAX as usize {
             return Err("relay.outbound_queue_bytes: must be at most 4 GiB".to_string());

@@ -13,9 +13,10 @@
 //! the writer is stopped and the socket is detached from its session.
 
 use crate::hub::Attachment;
-use crate::outbox::{Command, OutboxReceiver, SendError};
+use crate::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use crate::protocol::{close, is_json_ping, ControlMessage, SocketKind};
 use crate::session::Forward;
+use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use log::{debug, info, warn};
@@ -55,14 +56,15 @@ pub fn ws_config(kind: &SocketKind, conf: &crate::RelayConf) -> WebSocketConfig 
 }
 
 /// Runs a socket whose 101 has been written: `stream` is the raw connection and `preread` the
-/// bytes the peer sent behind its request head. Returns when the socket is gone.
+/// bytes the peer sent behind its request head. Returns when the socket is gone; dropping
+/// the attachment then detaches it from its session.
 pub async fn run<S>(stream: S, preread: Vec<u8>, att: Attachment, rx: OutboxReceiver)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conf = att.conf().clone();
     let config = ws_config(&att.kind, &conf);
-    let (stream, activity) = Activity::new(stream);
+    let (stream, io) = Activity::new(stream);
     let ws =
         WebSocketStream::from_partially_read(stream, preread, WsRole::Server, Some(config)).await;
     let (sink, stream) = ws.split();
@@ -70,46 +72,61 @@ where
         sink,
         rx,
         att.outbox.clone(),
-        conf.ping_interval(),
+        io.clone(),
+        conf.clone(),
     ));
-    read_loop(stream, writer, &att, &conf, &activity).await;
-    att.detach();
+    read_loop(stream, writer, &att, &conf, &io).await;
+    // Senders still waiting for room in this socket's queue give up at once.
+    att.outbox.shut();
     info!("{}: closed", att.describe());
 }
 
-/// Wraps a socket's stream and records when bytes last arrived, so that any inbound
-/// traffic (including the frames of a message still being reassembled) counts as life for
-/// the ping timeout (spec §0 "Liveness").
+/// Wraps a socket's stream and records when bytes last moved in each direction: any inbound
+/// bytes (including the frames of a message still being reassembled) count as life for the
+/// ping timeout, and outbound progress tells a slow reader from a stuck one (spec §0).
 struct Activity<S> {
     inner: S,
-    clock: Arc<LastRead>,
+    io: Arc<IoClock>,
 }
 
-/// Milliseconds from `base` to the last read that returned bytes.
-struct LastRead {
+/// Milliseconds from `base` to the last read that returned bytes and the last write that
+/// accepted some.
+struct IoClock {
     base: Instant,
-    last_ms: AtomicU64,
+    last_read_ms: AtomicU64,
+    last_write_ms: AtomicU64,
 }
 
-impl LastRead {
+impl IoClock {
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.base + Duration::from_millis(ms.load(Ordering::Relaxed))
+    }
+    fn stamp(&self, ms: &AtomicU64) {
+        ms.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
     /// When bytes last arrived.
-    fn last(&self) -> Instant {
-        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    fn last_read(&self) -> Instant {
+        self.at(&self.last_read_ms)
+    }
+    /// When a write last made progress.
+    fn last_write(&self) -> Instant {
+        self.at(&self.last_write_ms)
     }
 }
 
 impl<S> Activity<S> {
-    fn new(inner: S) -> (Self, Arc<LastRead>) {
-        let clock = Arc::new(LastRead {
+    fn new(inner: S) -> (Self, Arc<IoClock>) {
+        let io = Arc::new(IoClock {
             base: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last_read_ms: AtomicU64::new(0),
+            last_write_ms: AtomicU64::new(0),
         });
         (
             Activity {
                 inner,
-                clock: clock.clone(),
+                io: io.clone(),
             },
-            clock,
+            io,
         )
     }
 }
@@ -123,8 +140,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let ms = self.clock.base.elapsed().as_millis() as u64;
-            self.clock.last_ms.store(ms, Ordering::Relaxed);
+            self.io.stamp(&self.io.last_read_ms);
         }
         res
     }
@@ -136,23 +152,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.io.stamp(&self.io.last_write_ms);
+        }
+        res
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
@@ -162,22 +172,27 @@ enum WriterEnd {
     SentClose,
     /// The connection failed or the queue was dropped.
     Failed,
+    /// Writes made no progress for the slow-consumer deadline: the peer stopped reading.
+    Stalled,
 }
 
 async fn read_loop<S>(
-    mut stream: SplitStream<WebSocketStream<S>>,
+    mut stream: SplitStream<WebSocketStream<Activity<S>>>,
     mut writer: tokio::task::JoinHandle<WriterEnd>,
     att: &Attachment,
     conf: &crate::RelayConf,
-    activity: &LastRead,
+    io: &IoClock,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Time spent waiting on back-pressure is not the peer's silence.
+    let mut last_progress = Instant::now();
     let mut grace: Option<Instant> = None;
     let mut stream_done = false;
     let mut writer_done = false;
     loop {
-        let deadline = grace.unwrap_or(activity.last() + conf.ping_timeout());
+        let alive = io.last_read().max(last_progress);
+        let deadline = grace.unwrap_or(alive + conf.ping_timeout());
         tokio::select! {
             biased;
             _ = att.outbox.closed(), if grace.is_none() => {
@@ -185,9 +200,18 @@ async fn read_loop<S>(
             }
             end = &mut writer, if !writer_done => {
                 writer_done = true;
-                match end {
-                    Ok(WriterEnd::SentClose) if !stream_done => {}
-                    _ => return,
+                if let Ok(WriterEnd::Stalled) = end {
+                    // Nothing, not even a close frame, can be written to it: drop it now.
+                    info!("{}: peer stopped reading for {:?}, dropping the connection", att.describe(), conf.slow_consumer_timeout());
+                    break;
+                }
+                if stream_done || !matches!(end, Ok(WriterEnd::SentClose)) {
+                    // Nothing more will be written; keep reading briefly so that a close the
+                    // peer started is still echoed by tungstenite, then drop.
+                    if stream_done {
+                        break;
+                    }
+                    att.outbox.shut();
                 }
             }
             _ = sleep_until(deadline) => {
@@ -195,15 +219,18 @@ async fn read_loop<S>(
                     debug!("{}: no close reply within the grace period", att.describe());
                     break;
                 }
-                if activity.last() + conf.ping_timeout() > Instant::now() {
+                if io.last_read().max(last_progress) + conf.ping_timeout() > Instant::now() {
                     continue; // bytes arrived meanwhile: the deadline moved
                 }
-                info!("{}: nothing received for {:?}, closing", att.describe(), conf.ping_timeout());
+                info!("{}: nothing received for {:?}, closing 1001", att.describe(), conf.ping_timeout());
                 att.outbox.close(close::GOING_AWAY, close::PING_TIMEOUT);
             }
             frame = stream.next(), if !stream_done => match frame {
                 None => break,
-                Some(Ok(msg)) => on_message(msg, att, conf).await,
+                Some(Ok(msg)) => {
+                    on_message(msg, att, conf).await;
+                    last_progress = Instant::now();
+                }
                 Some(Err(e)) => {
                     stream_done = true;
                     match close_for_error(&e) {
@@ -215,6 +242,9 @@ async fn read_loop<S>(
                             debug!("{}: connection ended: {e}", att.describe());
                             break;
                         }
+                    }
+                    if writer_done {
+                        break;
                     }
                 }
             }
@@ -235,8 +265,9 @@ fn close_for_error(e: &WsError) -> Option<(u16, &'static str)> {
 }
 
 async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
-    if !matches!(msg, Message::Text(_) | Message::Binary(_)) {
+    if !matches!(msg, Message::Text(_) | Message::Binary(_)) || att.outbox.is_closing() {
         // Ping is answered by tungstenite, Close is echoed by it; Pong only counts as life.
+        // A socket the relay is closing forwards nothing more.
         return;
     }
     if att.kind == SocketKind::Control {
@@ -248,6 +279,7 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
         }
         return;
     }
+    let deadline = conf.slow_consumer_timeout();
     match att.forward(msg) {
         Forward::Drop | Forward::Buffered => {}
         Forward::OverBudget => {
@@ -257,100 +289,141 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
             );
             att.outbox.close(close::TRY_AGAIN, close::INGRESS_CAPACITY);
         }
-        Forward::One(to, msg) => deliver(att, &to, msg, conf.slow_consumer_timeout()).await,
-        Forward::Many(all, msg) => {
-            for to in &all {
-                deliver(att, to, msg.clone(), conf.slow_consumer_timeout()).await;
+        Forward::One(to, msg) => {
+            if deliver(att, &to, msg.clone(), deadline).await == Err(SendError::Closed) {
+                // The destination closed while the frame was in flight (replaced data
+                // socket): route it again, to the successor or the late-daemon buffer.
+                if let Forward::One(next, msg) = att.forward(msg) {
+                    if !Arc::ptr_eq(&next, &to) {
+                        let _ = deliver(att, &next, msg, deadline).await;
+                    }
+                }
             }
+        }
+        Forward::Many(all, msg) => {
+            // Each destination waits for room on its own, all under the same deadline.
+            join_all(all.iter().map(|to| deliver(att, to, msg.clone(), deadline))).await;
         }
     }
 }
 
+/// Queues `msg` on `to`; a destination whose queue stays full for `deadline` is closed
+/// 1013 `Slow consumer` (spec §0).
 async fn deliver(
     att: &Attachment,
-    to: &Arc<crate::outbox::Outbox>,
+    to: &Arc<Outbox>,
     msg: Message,
     deadline: Duration,
-) {
-    if let Err(SendError::TimedOut) = to.send_data(msg, deadline).await {
+) -> Result<(), SendError> {
+    let res = to.send_data(msg, deadline).await;
+    if res == Err(SendError::TimedOut) {
         warn!(
             "{}: a destination's queue stayed full for {deadline:?}, closing it 1013",
             att.describe()
         );
         to.close(close::TRY_AGAIN, close::SLOW_CONSUMER);
     }
+    res
 }
 
-/// Accounts a command taken off the priority lane (only `Send` counts toward the backlog).
-fn taken(cmd: Command, outbox: &crate::outbox::Outbox) -> Command {
-    if let Command::Send(_) = cmd {
-        outbox.priority_taken();
+/// Takes the next queued item without waiting: priority lane first.
+fn next_item(rx: &mut OutboxReceiver, outbox: &Outbox) -> Option<(Command, usize)> {
+    if let Ok((cmd, cost)) = rx.priority.try_recv() {
+        outbox.priority_taken(cost);
+        return Some((cmd, 0));
     }
-    cmd
+    rx.data
+        .try_recv()
+        .ok()
+        .map(|(cmd, cost)| (cmd, cost as usize))
+}
+
+/// Writes one batch: `first`, then whatever is queued, up to the batch limits; one flush.
+/// Returns the data-queue bytes the batch held and whether it sent the close frame.
+async fn write_batch<S>(
+    sink: &mut SplitSink<WebSocketStream<Activity<S>>, Message>,
+    rx: &mut OutboxReceiver,
+    outbox: &Outbox,
+    first: (Command, usize),
+) -> Result<(usize, bool), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut held, mut bytes, mut count) = (0, 0, 0);
+    let mut next = Some(first);
+    while let Some((cmd, cost)) = next.take() {
+        held += cost;
+        let (msg, is_close) = match cmd {
+            Command::Send(msg) => (msg, false),
+            Command::Close(frame) => (Message::Close(Some(frame)), true),
+        };
+        bytes += msg.len();
+        count += 1;
+        sink.feed(msg).await?;
+        if is_close {
+            sink.flush().await?;
+            return Ok((held, true));
+        }
+        if count < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+            next = next_item(rx, outbox);
+        }
+    }
+    sink.flush().await?;
+    Ok((held, false))
 }
 
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut sink: SplitSink<WebSocketStream<Activity<S>>, Message>,
     mut rx: OutboxReceiver,
-    outbox: Arc<crate::outbox::Outbox>,
-    ping_every: Duration,
+    outbox: Arc<Outbox>,
+    io: Arc<IoClock>,
+    conf: crate::RelayConf,
 ) -> WriterEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let ping_every = conf.ping_interval();
+    let stall = conf.slow_consumer_timeout();
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut held = 0usize;
-        let mut batch_bytes = 0usize;
-        let mut close_sent = false;
         let first = tokio::select! {
             biased;
-            cmd = rx.priority.recv() => match cmd {
-                Some(cmd) => taken(cmd, &outbox),
+            item = rx.priority.recv() => match item {
+                Some((cmd, cost)) => { outbox.priority_taken(cost); (cmd, 0) }
                 None => return WriterEnd::Failed,
             },
             item = rx.data.recv() => match item {
-                Some((msg, cost)) => { held += cost as usize; Command::Send(msg) }
+                Some((cmd, cost)) => (cmd, cost as usize),
                 None => return WriterEnd::Failed,
             },
-            _ = ping.tick() => Command::Send(Message::Ping(Bytes::new())),
+            _ = ping.tick() => (Command::Send(Message::Ping(Bytes::new())), 0),
         };
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(cmd) = next.take() {
-            let msg = match cmd {
-                Command::Send(msg) => msg,
-                Command::Close(frame) => {
-                    close_sent = true;
-                    Message::Close(Some(frame))
-                }
-            };
-            batch_bytes += msg.len();
-            count += 1;
-            if sink.feed(msg).await.is_err() {
-                return WriterEnd::Failed;
-            }
-            if close_sent || count >= MAX_BATCH_MESSAGES || batch_bytes >= MAX_BATCH_BYTES {
-                break;
-            }
-            next = match rx.priority.try_recv() {
-                Ok(cmd) => Some(taken(cmd, &outbox)),
-                Err(_) => match rx.data.try_recv() {
-                    Ok((msg, cost)) => {
-                        held += cost as usize;
-                        Some(Command::Send(msg))
+        let started = Instant::now();
+        let batch = write_batch(&mut sink, &mut rx, &outbox, first);
+        tokio::pin!(batch);
+        // A peer may read slowly, but a write that makes no progress at all for the
+        // slow-consumer deadline means it stopped reading: give up on the socket.
+        let result = loop {
+            let progress = io.last_write().max(started);
+            tokio::select! {
+                r = &mut batch => break Some(r),
+                _ = sleep_until(progress + stall) => {
+                    if io.last_write().max(started) + stall <= Instant::now() {
+                        break None;
                     }
-                    Err(_) => None,
-                },
-            };
-        }
-        if sink.flush().await.is_err() {
-            return WriterEnd::Failed;
-        }
-        outbox.release(held);
-        if close_sent {
-            return WriterEnd::SentClose;
+                }
+            }
+        };
+        match result {
+            Some(Ok((held, sent_close))) => {
+                outbox.release(held);
+                if sent_close {
+                    return WriterEnd::SentClose;
+                }
+            }
+            Some(Err(_)) => return WriterEnd::Failed,
+            None => return WriterEnd::Stalled,
         }
     }
 }

@@ -154,6 +154,13 @@ impl Attachment {
     }
 }
 
+impl Drop for Attachment {
+    /// However the socket's task ends (or if it never starts), the socket leaves its session.
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
 /// Runs `f` on a session under its lock (timers use this).
 pub fn with_session<R>(cell: &SessionCell, f: impl FnOnce(&mut Session) -> R) -> R {
     f(&mut lock(cell))
@@ -178,7 +185,7 @@ mod tests {
         c.detach();
         assert_eq!(hub.session_count(), 1);
         c.detach();
-        v1.detach();
+        drop(v1);
         assert_eq!(hub.session_count(), 0);
         // A socket attached after the drop lands in a fresh session.
         let (k, nudge) = hub.attach(

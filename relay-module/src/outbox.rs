@@ -13,18 +13,18 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Bytes charged per queued data message on top of its payload, so that a flood of empty
-/// frames is bounded too.
+/// Bytes charged per queued message on top of its payload, so that a flood of empty frames
+/// is bounded too.
 const PER_MESSAGE_OVERHEAD: usize = 64;
 
-/// Most priority-lane messages (control JSON, pongs) waiting for one socket; past it the
-/// socket is not reading and is closed 1013 `Slow consumer`.
-pub const MAX_PRIORITY_BACKLOG: usize = 4096;
+/// Most bytes of priority-lane messages (control JSON, pongs) waiting for one socket; past
+/// it the socket is not reading and is closed 1013 `Slow consumer`.
+pub const MAX_PRIORITY_BACKLOG_BYTES: usize = 1 << 20;
 
-/// An item on the priority lane.
+/// An item on either lane.
 #[derive(Debug)]
 pub enum Command {
-    /// A message that must not wait behind data (control JSON).
+    /// A message to write.
     Send(Message),
     /// Send this close frame, flush, and stop writing.
     Close(CloseFrame),
@@ -42,8 +42,8 @@ pub enum SendError {
 /// Producer handle of one socket's outbound queue; shared as `Arc<Outbox>`.
 #[derive(Debug)]
 pub struct Outbox {
-    priority: mpsc::UnboundedSender<Command>,
-    data: mpsc::UnboundedSender<(Message, u32)>,
+    priority: mpsc::UnboundedSender<(Command, u32)>,
+    data: mpsc::UnboundedSender<(Command, u32)>,
     room: Semaphore,
     capacity: usize,
     priority_backlog: AtomicUsize,
@@ -51,13 +51,22 @@ pub struct Outbox {
     closed_signal: Notify,
 }
 
-/// Consumer side, owned by the socket's writer task.
+/// Consumer side, owned by the socket's writer task. Each item carries the bytes it holds:
+/// give data-lane bytes back with [`Outbox::release`] and priority-lane bytes with
+/// [`Outbox::priority_taken`].
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    /// Control JSON and the close command.
-    pub priority: mpsc::UnboundedReceiver<Command>,
-    /// Data messages with the queue bytes they hold (give them back with [`Outbox::release`]).
-    pub data: mpsc::UnboundedReceiver<(Message, u32)>,
+    /// Control JSON and error closes.
+    pub priority: mpsc::UnboundedReceiver<(Command, u32)>,
+    /// Data messages, and closes that must follow them.
+    pub data: mpsc::UnboundedReceiver<(Command, u32)>,
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Command {
+    Command::Close(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    })
 }
 
 impl Outbox {
@@ -85,30 +94,39 @@ impl Outbox {
     }
 
     /// Queues a control message ahead of all data. Never waits. Returns false when the socket
-    /// is closing; a socket whose priority backlog overflows is closed 1013 `Slow consumer`.
+    /// is closing; a socket whose priority backlog passes [`MAX_PRIORITY_BACKLOG_BYTES`] is
+    /// closed 1013 `Slow consumer`.
     pub fn push_control(&self, msg: Message) -> bool {
         if self.is_closing() {
             return false;
         }
-        if self.priority_backlog.fetch_add(1, Ordering::AcqRel) >= MAX_PRIORITY_BACKLOG {
+        let cost = msg.len() + PER_MESSAGE_OVERHEAD;
+        if self.priority_backlog.fetch_add(cost, Ordering::AcqRel) + cost
+            > MAX_PRIORITY_BACKLOG_BYTES
+        {
             self.close(
                 crate::protocol::close::TRY_AGAIN,
                 crate::protocol::close::SLOW_CONSUMER,
             );
             return false;
         }
-        self.priority.send(Command::Send(msg)).is_ok()
+        self.priority
+            .send((Command::Send(msg), cost as u32))
+            .is_ok()
     }
 
-    /// Called by the writer for each priority message it takes.
-    pub fn priority_taken(&self) {
-        self.priority_backlog.fetch_sub(1, Ordering::AcqRel);
+    /// Called by the writer for each priority-lane item it takes, with the bytes it held.
+    pub fn priority_taken(&self, cost: u32) {
+        self.priority_backlog
+            .fetch_sub(cost as usize, Ordering::AcqRel);
     }
 
-    /// Queues a data message without waiting and without charging the queue (used once, for
-    /// the late-daemon buffer flushed at attach, which has its own limits).
-    pub fn push_data_unbounded(&self, msg: Message) {
-        let _ = self.data.send((msg, 0));
+    /// Queues a data message without waiting (the late-daemon buffer flushed at attach, which
+    /// has its own limits). It takes whatever room is free, so later senders wait for it.
+    pub fn push_data_now(&self, msg: Message) {
+        let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity);
+        let taken = self.room.forget_permits(cost) as u32;
+        let _ = self.data.send((Command::Send(msg), taken));
     }
 
     /// Queues a data message, waiting up to `deadline` for room. A message larger than the
@@ -127,7 +145,7 @@ impl Outbox {
             }
         };
         permit.forget();
-        if self.data.send((msg, cost)).is_err() {
+        if self.data.send((Command::Send(msg), cost)).is_err() {
             self.room.add_permits(cost as usize);
             return Err(SendError::Closed);
         }
@@ -141,19 +159,36 @@ impl Outbox {
         }
     }
 
-    /// Asks the writer to send a close frame (once; later calls do nothing) and fails every
-    /// producer waiting for room. The socket's reader is woken through [`Outbox::closed`].
-    pub fn close(&self, code: u16, reason: &'static str) {
+    /// Marks the socket closing: later sends fail, senders waiting for room fail at once, and
+    /// the socket's reader is woken through [`Outbox::closed`]. False if it already was.
+    fn begin_close(&self) -> bool {
         if self.closing.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
         self.room.close();
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        let _ = self.priority.send(Command::Close(frame));
         self.closed_signal.notify_one();
+        true
+    }
+
+    /// Closes at once: the close frame goes ahead of queued data (errors: 1009, 1013, ping
+    /// timeout). Only the first close of a socket counts.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        if self.begin_close() {
+            let _ = self.priority.send((close_frame(code, reason), 0));
+        }
+    }
+
+    /// Closes after the data already queued has been written (replacement 1008 and the
+    /// cascades 1001 / 1012, so a peer's last frames are not lost; spec §3.9).
+    pub fn close_in_order(&self, code: u16, reason: &'static str) {
+        if self.begin_close() {
+            let _ = self.data.send((close_frame(code, reason), 0));
+        }
+    }
+
+    /// Marks a socket that has ended as gone, without a close frame: producers stop waiting.
+    pub fn shut(&self) {
+        self.begin_close();
     }
 
     /// Whether a close was requested.
@@ -161,7 +196,7 @@ impl Outbox {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Completes once [`Outbox::close`] has been called (single waiter: the socket's reader).
+    /// Completes once the socket is closing (single waiter: the socket's reader).
     pub async fn closed(&self) {
         if self.is_closing() {
             return;
@@ -182,11 +217,13 @@ mod tests {
             .unwrap();
         assert!(out.push_control(Message::text("c1")));
         match rx.priority.try_recv() {
-            Ok(Command::Send(m)) => assert_eq!(m, Message::text("c1")),
+            Ok((Command::Send(m), 66)) => assert_eq!(m, Message::text("c1")),
             other => panic!("{other:?}"),
         }
-        let (m, cost) = rx.data.try_recv().unwrap();
-        assert_eq!((m, cost), (Message::text("d1"), 66));
+        match rx.data.try_recv() {
+            Ok((Command::Send(m), 66)) => assert_eq!(m, Message::text("d1")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -201,11 +238,40 @@ mod tests {
         assert_eq!(r, Err(SendError::TimedOut));
         let (_, cost) = rx.data.recv().await.unwrap();
         out.release(cost as usize);
+        assert_eq!(cost, 164);
         // A message larger than the whole queue still goes through an empty queue.
         out.send_data(Message::binary(vec![0u8; 1000]), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(rx.data.recv().await.unwrap().1, 200);
+    }
+
+    #[tokio::test]
+    async fn ordered_close_follows_queued_data_and_flush_takes_room() {
+        let (out, mut rx) = Outbox::new(100);
+        out.push_data_now(Message::binary(vec![0u8; 200]));
+        assert_eq!(
+            out.send_data(Message::text("x"), Duration::from_millis(10))
+                .await,
+            Err(SendError::TimedOut),
+            "the flushed frame holds the whole queue"
+        );
+        out.close_in_order(1012, "Server disconnected");
+        assert!(rx.priority.try_recv().is_err());
+        assert!(matches!(rx.data.try_recv(), Ok((Command::Send(_), 100))));
+        match rx.data.try_recv() {
+            Ok((Command::Close(f), 0)) => assert_eq!(u16::from(f.code), 1012),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn priority_backlog_is_bounded_in_bytes() {
+        let (out, _rx) = Outbox::new(100);
+        let big = Message::text("x".repeat(MAX_PRIORITY_BACKLOG_BYTES / 2));
+        assert!(out.push_control(big.clone()));
+        assert!(!out.push_control(big));
+        assert!(out.is_closing());
     }
 
     #[tokio::test]
@@ -221,7 +287,7 @@ mod tests {
         );
         assert!(!out.push_control(Message::text("c")));
         match rx.priority.try_recv() {
-            Ok(Command::Close(f)) => {
+            Ok((Command::Close(f), 0)) => {
                 assert_eq!(
                     (u16::from(f.code), f.reason.as_str()),
                     (1008, "Replaced by new connection")

@@ -141,8 +141,7 @@ impl RelayProxy {
         let downstream = &mut session.downstream_session;
         if let Err(e) = downstream.write_response_header(Box::new(resp)).await {
             debug!("/ws: writing the 101 failed: {e}");
-            att.detach();
-            return Ok(());
+            return Ok(()); // dropping `att` detaches the socket
         }
         // Bytes the peer pipelined behind its request head (already-read frames).
         let preread = match downstream.read_request_body().now_or_never() {
@@ -152,8 +151,7 @@ impl RelayProxy {
         let taken = std::mem::replace(&mut **downstream, placeholder_session().await);
         let ServerSession::H1(h1) = taken else {
             warn!("/ws: upgrade on a non-HTTP/1 session");
-            att.detach();
-            return Ok(());
+            return Ok(()); // dropping `att` detaches the socket
         };
         let stream = h1.into_inner();
 
@@ -182,16 +180,20 @@ impl ProxyHttp for RelayProxy {
     /// Every request is answered here: the relay has no upstream (routes come later).
     async fn request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool> {
         let head = head_bytes(session.req_header());
-        if head > self.hub.conf().max_request_head_bytes {
+        let result = if head > self.hub.conf().max_request_head_bytes {
             debug!("request head of {head} bytes refused");
             session.set_keepalive(None);
-            respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, None).await?;
-            return Ok(true);
-        }
-        match session.req_header().uri.path() {
-            "/health" => respond(session, 200, "application/json", HEALTH_BODY, None).await?,
-            "/ws" => self.upgrade(session).await?,
-            _ => respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await?,
+            respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, None).await
+        } else {
+            match session.req_header().uri.path() {
+                "/health" => respond(session, 200, "application/json", HEALTH_BODY, None).await,
+                "/ws" => self.upgrade(session).await,
+                _ => respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await,
+            }
+        };
+        // A peer that hangs up before its answer is written is not the relay's error.
+        if let Err(e) = result {
+            debug!("writing a response failed: {e}");
         }
         Ok(true)
     }

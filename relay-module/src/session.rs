@@ -95,7 +95,7 @@ impl Session {
                     let (frames, bytes) = group.pending.take();
                     budget.give_back(bytes);
                     for frame in frames {
-                        peer.outbox.push_data_unbounded(frame);
+                        peer.outbox.push_data_now(frame);
                     }
                 }
                 self.data.insert(id.clone(), peer)
@@ -113,7 +113,7 @@ impl Session {
             }
         };
         if let Some(old) = replaced {
-            old.outbox.close(close::POLICY, close::REPLACED);
+            old.outbox.close_in_order(close::POLICY, close::REPLACED);
         }
         false
     }
@@ -155,7 +155,7 @@ impl Session {
             for client in group.sockets.drain(..) {
                 client
                     .outbox
-                    .close(close::RESTART, close::SERVER_DISCONNECTED);
+                    .close_in_order(close::RESTART, close::SERVER_DISCONNECTED);
             }
             self.last_client_gone(x, budget);
         }
@@ -168,7 +168,7 @@ impl Session {
         }
         if let Some(data) = self.data.remove(x) {
             data.outbox
-                .close(close::GOING_AWAY, close::CLIENT_DISCONNECTED);
+                .close_in_order(close::GOING_AWAY, close::CLIENT_DISCONNECTED);
         }
         self.notify_control(ControlMessage::Disconnected {
             connection_id: x.to_string(),
@@ -185,13 +185,14 @@ impl Session {
         conf: &RelayConf,
         budget: &BufferBudget,
     ) -> Forward {
-        let one = |peer: &Option<Peer>, msg| match peer {
-            Some(p) => Forward::One(p.outbox.clone(), msg),
-            None => Forward::Drop,
+        // A v1 socket forwards only while it holds its slot (a replaced one is closing).
+        let v1 = |me: &Option<Peer>, other: &Option<Peer>, msg| match (me, other) {
+            (Some(me), Some(other)) if me.id == id => Forward::One(other.outbox.clone(), msg),
+            _ => Forward::Drop,
         };
         match kind {
-            SocketKind::V1(Role::Server) => one(&self.v1_client, msg),
-            SocketKind::V1(Role::Client) => one(&self.v1_server, msg),
+            SocketKind::V1(Role::Server) => v1(&self.v1_server, &self.v1_client, msg),
+            SocketKind::V1(Role::Client) => v1(&self.v1_client, &self.v1_server, msg),
             SocketKind::Control => Forward::Drop,
             SocketKind::Data(x) => {
                 if self.data.get(x).is_none_or(|p| p.id != id) {
@@ -272,22 +273,34 @@ mod tests {
         }
     }
 
-    /// Everything queued on the socket's priority lane, as text or `close CODE REASON`.
+    fn render(cmd: Command) -> String {
+        match cmd {
+            Command::Send(m) => m.into_text().unwrap().to_string(),
+            Command::Close(f) => format!("close {} {}", u16::from(f.code), f.reason),
+        }
+    }
+
+    /// Everything queued on the priority lane, then the closes queued on the data lane, as
+    /// text or `close CODE REASON`.
     fn drain(s: &mut Sock) -> Vec<String> {
         let mut out = vec![];
-        while let Ok(cmd) = s.rx.priority.try_recv() {
-            out.push(match cmd {
-                Command::Send(m) => m.into_text().unwrap().to_string(),
-                Command::Close(f) => format!("close {} {}", u16::from(f.code), f.reason),
-            });
+        while let Ok((cmd, _)) = s.rx.priority.try_recv() {
+            out.push(render(cmd));
+        }
+        while let Ok((cmd, _)) = s.rx.data.try_recv() {
+            out.push(render(cmd));
         }
         out
     }
 
+    /// Data messages queued on the data lane.
     fn data(s: &mut Sock) -> Vec<Message> {
         let mut out = vec![];
-        while let Ok((m, _)) = s.rx.data.try_recv() {
-            out.push(m);
+        while let Ok((cmd, _)) = s.rx.data.try_recv() {
+            match cmd {
+                Command::Send(m) => out.push(m),
+                Command::Close(f) => panic!("unexpected close {f:?}"),
+            }
         }
         out
     }
