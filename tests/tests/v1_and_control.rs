@@ -46,10 +46,13 @@ async fn case16_v1_server_replacement() {
     let mut s1 = relay.v1(&s, "server").await;
     let mut k = relay.v1(&s, "client").await;
     let mut s2 = relay.v1(&s, "server").await;
+    // The replaced socket's frames go nowhere, even those it sends before reading its close.
+    send_text(&mut s1, "stale").await;
     assert_eq!(
         recv_close(&mut s1).await,
         (1008, "Replaced by new connection".into())
     );
+    assert_silent(&mut k, QUIET).await;
     send_text(&mut k, "next").await;
     assert_eq!(recv_text(&mut s2).await, "next");
 }

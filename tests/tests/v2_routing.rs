@@ -435,3 +435,32 @@ async fn sessions_are_dropped_when_their_last_socket_leaves() {
     assert_eq!(recv_close(&mut c).await.0, 1000);
     wait_for(|| relay.hub.session_count() == 0).await;
 }
+
+#[tokio::test]
+async fn cascade_closes_follow_the_frames_already_relayed() {
+    let relay = TestRelay::start().await;
+    let s = sid("order");
+    let mut k = relay.client(&s, "a").await;
+    let mut d = relay.data(&s, "a").await;
+    // The daemon's last frames reach the client before its 1012.
+    send_text(&mut d, "last1").await;
+    send_binary(&mut d, &[0xee]).await;
+    send_close(&mut d, 1000, "").await;
+    assert_eq!(recv(&mut k).await, Message::text("last1"));
+    assert_eq!(recv(&mut k).await, Message::binary(vec![0xee]));
+    assert_eq!(
+        recv_close(&mut k).await,
+        (1012, "Server disconnected".into())
+    );
+
+    // A client's last frame reaches the daemon before its 1001.
+    let mut k = relay.client(&s, "b").await;
+    let mut d = relay.data(&s, "b").await;
+    send_text(&mut k, "cmd").await;
+    send_close(&mut k, 1000, "Client closed").await;
+    assert_eq!(recv_text(&mut d).await, "cmd");
+    assert_eq!(
+        recv_close(&mut d).await,
+        (1001, "Client disconnected".into())
+    );
+}
