@@ -6,11 +6,13 @@
 //!                      │  JSON ping on control → pong on own priority lane
 //!                      └─ silence 90 s → close 1001
 //!   peer ◀──batch+flush── writer ◀── own Outbox (priority lane first, then data) + ping 30 s
+//!                           └─ no write progress for 30 s → connection dropped
 //! ```
 //!
 //! The reader owns the read half and the session attachment; the writer owns the write half.
-//! RFC 6455 pings are answered by tungstenite; peer closes are echoed. When the reader ends,
-//! the writer is stopped and the socket is detached from its session.
+//! RFC 6455 pings are answered by tungstenite; peer closes are echoed. A relay-initiated
+//! close waits at most `close_grace_ms` for the peer's reply. When the reader ends, the
+//! writer is stopped and the socket is detached from its session.
 
 use crate::hub::Attachment;
 use crate::outbox::{Command, Outbox, OutboxReceiver, SendError};

@@ -370,3 +370,27 @@ pub async fn barrier(ws: &mut Ws) {
     .await
     .expect("barrier pong within the deadline")
 }
+
+impl TestRelay {
+    /// A paired v2 connection `x` of `server_id`: control (its first frame is exactly the
+    /// empty `sync`), client K(x) and data D(x); the control has received `connected` for x.
+    pub async fn paired(&self, server_id: &str, x: &str) -> (Ws, Ws, Ws) {
+        let (mut c, sync) = self.control_synced(server_id).await;
+        assert_eq!(sync, r#"{"type":"sync","connectionIds":[]}"#);
+        let k = self.client(server_id, x).await;
+        let d = self.data(server_id, x).await;
+        assert_eq!(
+            recv_text(&mut c).await,
+            format!(r#"{{"type":"connected","connectionId":"{x}"}}"#)
+        );
+        (c, k, d)
+    }
+}
+
+/// Asserts that a client K and its data socket D still relay a text frame each way.
+pub async fn assert_relays_both_ways(k: &mut Ws, d: &mut Ws) {
+    send_text(k, "k->d").await;
+    assert_eq!(recv_text(d).await, "k->d");
+    send_text(d, "d->k").await;
+    assert_eq!(recv_text(k).await, "d->k");
+}

@@ -498,11 +498,7 @@ async fn idle_case29_control_with_only_protocol_pings_stays_open_75s() {
 async fn idle_case63_silent_sockets_are_never_closed_120s() {
     let relay = TestRelay::start().await;
     let s = sid("c63");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let mut k = relay.client(&s, "a").await;
-    let mut d = relay.data(&s, "a").await;
-    assert_eq!(recv_text(&mut c).await, CONNECTED_A);
+    let (mut c, mut k, mut d) = relay.paired(&s, "a").await;
     let end = Instant::now() + Duration::from_secs(120);
     let (pc, pk, pd) = tokio::join!(
         only_pings_until(&mut c, end, "case 63 C"),
@@ -516,10 +512,7 @@ async fn idle_case63_silent_sockets_are_never_closed_120s() {
             "{name} received {n} relay pings in 120 s, expected >= 3"
         );
     }
-    send_text(&mut k, "still").await;
-    assert_eq!(recv_text(&mut d).await, "still");
-    send_text(&mut d, "here").await;
-    assert_eq!(recv_text(&mut k).await, "here");
+    assert_relays_both_ways(&mut k, &mut d).await;
     json_ping(&mut c, "case 63 after 120 s").await;
 }
 
@@ -538,11 +531,7 @@ async fn keepalive_relay_pings_are_empty_and_answered_sockets_stay_open() {
     })
     .await;
     let s = sid("ka");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let mut k = relay.client(&s, "a").await;
-    let mut d = relay.data(&s, "a").await;
-    assert_eq!(recv_text(&mut c).await, CONNECTED_A);
+    let (mut c, mut k, mut d) = relay.paired(&s, "a").await;
     // 3 s = 3 ping timeouts, 10 ping intervals.
     let end = Instant::now() + Duration::from_secs(3);
     let (pc, pk, pd) = tokio::join!(
@@ -557,10 +546,7 @@ async fn keepalive_relay_pings_are_empty_and_answered_sockets_stay_open() {
             "{name} received {n} pings in 3 s at a 300 ms interval"
         );
     }
-    send_text(&mut k, "x").await;
-    assert_eq!(recv_text(&mut d).await, "x");
-    send_text(&mut d, "y").await;
-    assert_eq!(recv_text(&mut k).await, "y");
+    assert_relays_both_ways(&mut k, &mut d).await;
     json_ping(&mut c, "keepalive C").await;
 }
 
@@ -734,11 +720,7 @@ async fn keepalive_fragments_of_a_slow_message_count_as_life() {
 async fn keepalive_case28_protocol_ping_answered_on_every_socket() {
     let relay = TestRelay::start().await;
     let s = sid("c28");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let mut k = relay.client(&s, "a").await;
-    let mut d = relay.data(&s, "a").await;
-    assert_eq!(recv_text(&mut c).await, CONNECTED_A);
+    let (mut c, mut k, mut d) = relay.paired(&s, "a").await;
     let long = vec![0xa5u8; 125];
     for (name, ws) in [("C", &mut c), ("K", &mut k), ("D", &mut d)] {
         for payload in [b"p1".to_vec(), long.clone()] {
@@ -890,11 +872,7 @@ async fn limits_case64_oversize_message_closes_only_the_sender_1009() {
 async fn limits_case64_control_message_over_64k_closes_1009() {
     let relay = TestRelay::start().await;
     let s = sid("c64c");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let mut k = relay.client(&s, "a").await;
-    let mut d = relay.data(&s, "a").await;
-    assert_eq!(recv_text(&mut c).await, CONNECTED_A);
+    let (mut c, mut k, mut d) = relay.paired(&s, "a").await;
 
     let prefix = r#"{"type":"ping","pad":""#;
     let pad = "x".repeat((64 << 10) - prefix.len() - 2);
@@ -914,10 +892,7 @@ async fn limits_case64_control_message_over_64k_closes_1009() {
     );
     let _ = timeout(WITHIN, c.next()).await;
 
-    send_text(&mut k, "x").await;
-    assert_eq!(recv_text(&mut d).await, "x");
-    send_text(&mut d, "y").await;
-    assert_eq!(recv_text(&mut k).await, "y");
+    assert_relays_both_ways(&mut k, &mut d).await;
 
     let (mut c2, sync) = relay.control_synced(&s).await;
     assert_eq!(sync, SYNC_A);

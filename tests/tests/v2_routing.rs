@@ -372,10 +372,7 @@ async fn case54_control_close_isolation() {
     assert_eq!(recv_text(&mut c).await, connected("a"));
     send_close(&mut c, 1000, "").await;
     assert_eq!(recv_close(&mut c).await.0, 1000);
-    send_text(&mut k, "up").await;
-    assert_eq!(recv_text(&mut d).await, "up");
-    send_text(&mut d, "down").await;
-    assert_eq!(recv_text(&mut k).await, "down");
+    assert_relays_both_ways(&mut k, &mut d).await;
 }
 
 #[tokio::test]
