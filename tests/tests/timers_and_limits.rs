@@ -1152,12 +1152,7 @@ async fn limits_buffer_budget_exceeded_closes_1013_relay_ingress_capacity() {
 async fn nudge_case57_full_reset_at_default_10s_and_15s() {
     let relay = TestRelay::start().await;
     let s = sid("c57");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let t0_lo = Instant::now();
-    let mut k = relay.client(&s, "a").await;
-    let t0_hi = Instant::now();
-    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    let (mut c, mut k, t0_lo, t0_hi) = client_at_t0(&relay, &s).await;
     let nudge = Duration::from_secs(10);
     let reset = Duration::from_secs(15);
     let at = expect_text_between(
@@ -1188,12 +1183,7 @@ async fn nudge_case57_full_reset_at_default_10s_and_15s() {
 async fn nudge_case58_data_socket_after_the_nudge_prevents_the_reset() {
     let relay = TestRelay::start_with(short_timers()).await;
     let s = sid("c58");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let t0_lo = Instant::now();
-    let mut k = relay.client(&s, "a").await;
-    let t0_hi = Instant::now();
-    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    let (mut c, mut k, t0_lo, t0_hi) = client_at_t0(&relay, &s).await;
     expect_text_between(
         &mut c,
         SYNC_A,
@@ -1210,17 +1200,24 @@ async fn nudge_case58_data_socket_after_the_nudge_prevents_the_reset() {
     json_ping(&mut c, "case 58 control").await;
 }
 
+/// Nudge cases: a control (empty `sync`), then K(a) at T0, known to lie in `[t0_lo, t0_hi]`;
+/// the control's `connected` for a arrives within 1 s of T0.
+async fn client_at_t0(relay: &TestRelay, s: &str) -> (Ws, Ws, Instant, Instant) {
+    let (mut c, sync) = relay.control_synced(s).await;
+    assert_eq!(sync, SYNC_EMPTY);
+    let t0_lo = Instant::now();
+    let k = relay.client(s, "a").await;
+    let t0_hi = Instant::now();
+    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    (c, k, t0_lo, t0_hi)
+}
+
 /// Case 59 (nudge 1 s, reset 2 s): D(a) at T0+0.5 s: no nudge, no reset.
 #[tokio::test]
 async fn nudge_case59_data_socket_before_the_nudge_prevents_both() {
     let relay = TestRelay::start_with(short_timers()).await;
     let s = sid("c59");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let t0_lo = Instant::now();
-    let mut k = relay.client(&s, "a").await;
-    let t0_hi = Instant::now();
-    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    let (mut c, mut k, t0_lo, t0_hi) = client_at_t0(&relay, &s).await;
     sleep_until(t0_lo + Duration::from_millis(500)).await;
     let mut d = relay.data(&s, "a").await;
     silent_until(&mut c, t0_hi + RESET + LATE, "control after D attached").await;
@@ -1235,12 +1232,7 @@ async fn nudge_case59_data_socket_before_the_nudge_prevents_both() {
 async fn nudge_case60_client_gone_before_the_nudge() {
     let relay = TestRelay::start_with(short_timers()).await;
     let s = sid("c60");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let t0_lo = Instant::now();
-    let mut k = relay.client(&s, "a").await;
-    let t0_hi = Instant::now();
-    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    let (mut c, mut k, t0_lo, t0_hi) = client_at_t0(&relay, &s).await;
     sleep_until(t0_lo + Duration::from_millis(500)).await;
     send_close(&mut k, 1000, "bye").await;
     let (code, _) = recv_close(&mut k).await;
