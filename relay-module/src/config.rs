@@ -113,12 +113,6 @@ impl RelayConf {
                 self.ping_interval_ms
             ));
         }
-        if self.slow_consumer_timeout_ms >= self.ping_timeout_ms {
-            return Err(format!(
-                "relay.slow_consumer_timeout_ms: must be less than relay.ping_timeout_ms ({} ms)",
-                self.ping_timeout_ms
-            ));
-        }
         let durations = [
             ("slow_consumer_timeout_ms", self.slow_consumer_timeout_ms),
             ("nudge_after_ms", self.nudge_after_ms),

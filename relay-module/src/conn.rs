@@ -70,16 +70,24 @@ where
     let ws =
         WebSocketStream::from_partially_read(stream, preread, WsRole::Server, Some(config)).await;
     let (sink, stream) = ws.split();
-    let writer = tokio::spawn(write_loop(
+    let mut writer = tokio::spawn(write_loop(
         sink,
         rx,
         att.outbox.clone(),
         io.clone(),
         conf.clone(),
     ));
-    read_loop(stream, writer, &att, &conf, &io).await;
-    // Senders still waiting for room in this socket's queue give up at once.
+    let (stream, end) = read_loop(stream, &mut writer, &att, &conf, &io).await;
+    // Senders still waiting for room in this socket's queue give up at once, and the
+    // session's cascades run now, not after the goodbye below.
     att.outbox.shut();
+    att.detach();
+    match end {
+        ReadEnd::Linger(sink) => {
+            linger(stream, sink, writer, &att.outbox, conf.close_grace()).await
+        }
+        ReadEnd::Drop => writer.abort(),
+    }
     info!("{}: closed", att.describe());
 }
 
@@ -89,14 +97,18 @@ where
 struct Activity<S> {
     inner: S,
     io: Arc<IoClock>,
+    /// The last write found the send buffer full.
+    write_blocked: bool,
 }
 
-/// Milliseconds from `base` to the last read that returned bytes and the last write that
-/// accepted some.
+/// Milliseconds from `base` to the last read that returned bytes, the last write that
+/// accepted some, and the last write that completed after the socket's send buffer had been
+/// full (proof that the peer is taking data).
 struct IoClock {
     base: Instant,
     last_read_ms: AtomicU64,
     last_write_ms: AtomicU64,
+    last_drain_ms: AtomicU64,
 }
 
 impl IoClock {
@@ -114,6 +126,10 @@ impl IoClock {
     fn last_write(&self) -> Instant {
         self.at(&self.last_write_ms)
     }
+    /// When the peer was last seen alive: bytes arrived, or a full send buffer drained.
+    fn last_alive(&self) -> Instant {
+        self.last_read().max(self.at(&self.last_drain_ms))
+    }
 }
 
 impl<S> Activity<S> {
@@ -122,11 +138,13 @@ impl<S> Activity<S> {
             base: Instant::now(),
             last_read_ms: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
+            last_drain_ms: AtomicU64::new(0),
         });
         (
             Activity {
                 inner,
                 io: io.clone(),
+                write_blocked: false,
             },
             io,
         )
@@ -155,8 +173,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.io.stamp(&self.io.last_write_ms);
+        match res {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.io.stamp(&self.io.last_write_ms);
+                if std::mem::take(&mut self.write_blocked) {
+                    self.io.stamp(&self.io.last_drain_ms);
+                }
+            }
+            Poll::Pending => self.write_blocked = true,
+            _ => {}
         }
         res
     }
@@ -169,66 +194,85 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
 }
 
 /// How the writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriterEnd {
     /// It sent the relay's close frame.
     SentClose,
+    /// It was asked to stop ([`Outbox::finish`]).
+    Finished,
     /// The connection failed or the queue was dropped.
     Failed,
     /// Writes made no progress for the slow-consumer deadline: the peer stopped reading.
     Stalled,
 }
 
+type Sink<S> = SplitSink<WebSocketStream<Activity<S>>, Message>;
+type Stream<S> = SplitStream<WebSocketStream<Activity<S>>>;
+
+/// What to do with the connection once reading is over.
+enum ReadEnd<S> {
+    /// Flush, half-close and drain it briefly, so the last frames (a close echo, a relay
+    /// close) reach the peer instead of being cut by a reset. The write half, if the writer
+    /// has already handed it back.
+    Linger(Option<Sink<S>>),
+    /// Drop it now: the peer is gone, unresponsive or not reading.
+    Drop,
+}
+
 async fn read_loop<S>(
-    mut stream: SplitStream<WebSocketStream<Activity<S>>>,
-    mut writer: tokio::task::JoinHandle<WriterEnd>,
+    mut stream: Stream<S>,
+    writer: &mut tokio::task::JoinHandle<(WriterEnd, Sink<S>)>,
     att: &Attachment,
     conf: &crate::RelayConf,
     io: &IoClock,
-) where
+) -> (Stream<S>, ReadEnd<S>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Time spent waiting on back-pressure is not the peer's silence.
     let mut last_progress = Instant::now();
+    // Once the relay closes: how long it still waits for the peer (see `closed` below).
     let mut grace: Option<Instant> = None;
     let mut stream_done = false;
-    let mut writer_done = false;
-    loop {
-        let alive = io.last_read().max(last_progress);
+    let mut returned: Option<(WriterEnd, Sink<S>)> = None;
+    let end = loop {
+        let alive = io.last_alive().max(last_progress);
         let deadline = grace.unwrap_or(alive + conf.ping_timeout());
         tokio::select! {
             biased;
             _ = att.outbox.closed(), if grace.is_none() => {
-                grace = Some(Instant::now() + conf.close_grace());
+                // The close frame may sit behind queued data: the writer's own stall check
+                // bounds the drain; this is the outer bound.
+                grace = Some(Instant::now() + conf.slow_consumer_timeout() + conf.close_grace());
             }
-            end = &mut writer, if !writer_done => {
-                writer_done = true;
-                if let Ok(WriterEnd::Stalled) = end {
-                    // Nothing, not even a close frame, can be written to it: drop it now.
-                    info!("{}: peer stopped reading for {:?}, dropping the connection", att.describe(), conf.slow_consumer_timeout());
-                    break;
-                }
-                if stream_done || !matches!(end, Ok(WriterEnd::SentClose)) {
-                    // Nothing more will be written; keep reading briefly so that a close the
-                    // peer started is still echoed by tungstenite, then drop.
-                    if stream_done {
-                        break;
+            end = &mut *writer, if returned.is_none() => {
+                let Ok((end, sink)) = end else { break ReadEnd::Drop };
+                match end {
+                    WriterEnd::Stalled => {
+                        info!("{}: peer stopped reading for {:?}, dropping the connection", att.describe(), conf.slow_consumer_timeout());
+                        break ReadEnd::Drop;
                     }
-                    att.outbox.shut();
+                    _ if stream_done => break ReadEnd::Linger(Some(sink)),
+                    WriterEnd::SentClose => grace = Some(Instant::now() + conf.close_grace()),
+                    // Nothing more will be written: keep reading briefly so that a close the
+                    // peer started is still echoed by tungstenite.
+                    _ => att.outbox.shut(),
                 }
+                returned = Some((end, sink));
             }
             _ = sleep_until(deadline) => {
                 if grace.is_some() {
                     debug!("{}: no close reply within the grace period", att.describe());
-                    break;
+                    break ReadEnd::Drop;
                 }
-                if io.last_read().max(last_progress) + conf.ping_timeout() > Instant::now() {
-                    continue; // bytes arrived meanwhile: the deadline moved
+                if io.last_alive().max(last_progress) + conf.ping_timeout() > Instant::now() {
+                    continue; // the peer showed life meanwhile: the deadline moved
                 }
                 info!("{}: nothing received for {:?}, closing 1001", att.describe(), conf.ping_timeout());
                 att.outbox.close(close::GOING_AWAY, close::PING_TIMEOUT);
             }
             frame = stream.next(), if !stream_done => match frame {
-                None => break,
+                None => break ReadEnd::Linger(returned.take().map(|(_, sink)| sink)),
                 Some(Ok(msg)) => {
                     on_message(msg, att, conf).await;
                     last_progress = Instant::now();
@@ -242,17 +286,59 @@ async fn read_loop<S>(
                         }
                         None => {
                             debug!("{}: connection ended: {e}", att.describe());
-                            break;
+                            break ReadEnd::Drop;
                         }
                     }
-                    if writer_done {
-                        break;
+                    if let Some((_, sink)) = returned.take() {
+                        break ReadEnd::Linger(Some(sink));
                     }
                 }
             }
         }
-    }
-    writer.abort();
+    };
+    (stream, end)
+}
+
+/// Ends a connection politely within `grace`: takes the write half back from the writer,
+/// flushes what tungstenite wrote (a close echo sits in Pingora's write buffer until then),
+/// half-closes, and reads and discards until the peer closes too, so unread input does not
+/// turn the close into a reset.
+async fn linger<S>(
+    stream: Stream<S>,
+    sink: Option<Sink<S>>,
+    mut writer: tokio::task::JoinHandle<(WriterEnd, Sink<S>)>,
+    outbox: &Outbox,
+    grace: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + grace;
+    let sink = match sink {
+        Some(sink) => sink,
+        None => {
+            outbox.finish();
+            match tokio::time::timeout_at(deadline, &mut writer).await {
+                Ok(Ok((_, sink))) => sink,
+                _ => {
+                    writer.abort();
+                    return;
+                }
+            }
+        }
+    };
+    let Ok(ws) = stream.reunite(sink) else {
+        return;
+    };
+    let mut raw = ws.into_inner();
+    let _ = tokio::time::timeout_at(deadline, async {
+        raw.flush().await?;
+        raw.shutdown().await?;
+        let mut scratch = [0u8; 1024];
+        while raw.read(&mut scratch).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// The close code and reason for a read error, or `None` when the connection is simply gone.
@@ -282,30 +368,32 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
         return;
     }
     let deadline = conf.slow_consumer_timeout();
-    match att.forward(msg) {
-        Forward::Drop | Forward::Buffered => {}
-        Forward::OverBudget => {
-            warn!(
-                "{}: late-daemon buffer budget spent, closing 1013",
-                att.describe()
-            );
-            att.outbox.close(close::TRY_AGAIN, close::INGRESS_CAPACITY);
-        }
-        Forward::One(to, msg) => {
-            if deliver(att, &to, msg.clone(), deadline).await == Err(SendError::Closed) {
-                // The destination closed while the frame was in flight (replaced data
-                // socket): route it again, to the successor or the late-daemon buffer.
-                if let Forward::One(next, msg) = att.forward(msg) {
-                    if !Arc::ptr_eq(&next, &to) {
-                        let _ = deliver(att, &next, msg, deadline).await;
-                    }
+    let mut route = att.forward(msg);
+    // A destination that closes while a frame is in flight to it (a replaced data socket)
+    // gets the frame routed once more: to its successor, or into the late-daemon buffer.
+    for retry in [true, false] {
+        match route {
+            Forward::Drop | Forward::Buffered => {}
+            Forward::OverBudget => {
+                warn!(
+                    "{}: late-daemon buffer budget spent, closing 1013",
+                    att.describe()
+                );
+                att.outbox.close(close::TRY_AGAIN, close::INGRESS_CAPACITY);
+            }
+            Forward::One(to, msg) => {
+                let again = msg.clone();
+                if deliver(att, &to, msg, deadline).await == Err(SendError::Closed) && retry {
+                    route = att.forward(again);
+                    continue;
                 }
             }
+            Forward::Many(all, msg) => {
+                // Each destination waits for room on its own, all under the same deadline.
+                join_all(all.iter().map(|to| deliver(att, to, msg.clone(), deadline))).await;
+            }
         }
-        Forward::Many(all, msg) => {
-            // Each destination waits for room on its own, all under the same deadline.
-            join_all(all.iter().map(|to| deliver(att, to, msg.clone(), deadline))).await;
-        }
+        return;
     }
 }
 
@@ -341,13 +429,14 @@ fn next_item(rx: &mut OutboxReceiver, outbox: &Outbox) -> Option<(Command, usize
 }
 
 /// Writes one batch: `first`, then whatever is queued, up to the batch limits; one flush.
-/// Returns the data-queue bytes the batch held and whether it sent the close frame.
+/// Returns the data-queue bytes the batch held, and how the writer ends if the batch ended
+/// it (close frame sent, or asked to finish).
 async fn write_batch<S>(
-    sink: &mut SplitSink<WebSocketStream<Activity<S>>, Message>,
+    sink: &mut Sink<S>,
     rx: &mut OutboxReceiver,
     outbox: &Outbox,
     first: (Command, usize),
-) -> Result<(usize, bool), WsError>
+) -> Result<(usize, Option<WriterEnd>), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -358,29 +447,33 @@ where
         let (msg, is_close) = match cmd {
             Command::Send(msg) => (msg, false),
             Command::Close(frame) => (Message::Close(Some(frame)), true),
+            Command::Finish => {
+                sink.flush().await?;
+                return Ok((held, Some(WriterEnd::Finished)));
+            }
         };
         bytes += msg.len();
         count += 1;
         sink.feed(msg).await?;
         if is_close {
             sink.flush().await?;
-            return Ok((held, true));
+            return Ok((held, Some(WriterEnd::SentClose)));
         }
         if count < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
             next = next_item(rx, outbox);
         }
     }
     sink.flush().await?;
-    Ok((held, false))
+    Ok((held, None))
 }
 
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<Activity<S>>, Message>,
+    mut sink: Sink<S>,
     mut rx: OutboxReceiver,
     outbox: Arc<Outbox>,
     io: Arc<IoClock>,
     conf: crate::RelayConf,
-) -> WriterEnd
+) -> (WriterEnd, Sink<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -389,43 +482,47 @@ where
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The ping comes first: it is due at most once per interval, and a steady stream of
+        // data must not starve it (a silent peer that reads proves life by its pongs).
         let first = tokio::select! {
             biased;
+            _ = ping.tick() => (Command::Send(Message::Ping(Bytes::new())), 0),
             item = rx.priority.recv() => match item {
                 Some((cmd, cost)) => { outbox.priority_taken(cost); (cmd, 0) }
-                None => return WriterEnd::Failed,
+                None => return (WriterEnd::Failed, sink),
             },
             item = rx.data.recv() => match item {
                 Some((cmd, cost)) => (cmd, cost as usize),
-                None => return WriterEnd::Failed,
+                None => return (WriterEnd::Failed, sink),
             },
-            _ = ping.tick() => (Command::Send(Message::Ping(Bytes::new())), 0),
         };
         let started = Instant::now();
-        let batch = write_batch(&mut sink, &mut rx, &outbox, first);
-        tokio::pin!(batch);
-        // A peer may read slowly, but a write that makes no progress at all for the
-        // slow-consumer deadline means it stopped reading: give up on the socket.
-        let result = loop {
-            let progress = io.last_write().max(started);
-            tokio::select! {
-                r = &mut batch => break Some(r),
-                _ = sleep_until(progress + stall) => {
-                    if io.last_write().max(started) + stall <= Instant::now() {
-                        break None;
+        let result = {
+            let batch = write_batch(&mut sink, &mut rx, &outbox, first);
+            tokio::pin!(batch);
+            // A peer may read slowly, but a write that makes no progress at all for the
+            // slow-consumer deadline means it stopped reading: give up on the socket.
+            loop {
+                let progress = io.last_write().max(started);
+                tokio::select! {
+                    r = &mut batch => break Some(r),
+                    _ = sleep_until(progress + stall) => {
+                        if io.last_write().max(started) + stall <= Instant::now() {
+                            break None;
+                        }
                     }
                 }
             }
         };
         match result {
-            Some(Ok((held, sent_close))) => {
+            Some(Ok((held, end))) => {
                 outbox.release(held);
-                if sent_close {
-                    return WriterEnd::SentClose;
+                if let Some(end) = end {
+                    return (end, sink);
                 }
             }
-            Some(Err(_)) => return WriterEnd::Failed,
-            None => return WriterEnd::Stalled,
+            Some(Err(_)) => return (WriterEnd::Failed, sink),
+            None => return (WriterEnd::Stalled, sink),
         }
     }
 }

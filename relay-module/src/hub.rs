@@ -50,8 +50,9 @@ pub struct Attachment {
 }
 
 impl SessionHub {
-    /// An empty hub with the given tuning.
+    /// An empty hub with the given tuning, which must pass [`RelayConf::validate`].
     pub fn new(conf: RelayConf) -> Arc<Self> {
+        debug_assert_eq!(conf.validate(), Ok(()));
         Arc::new(SessionHub {
             budget: BufferBudget::new(conf.pending_budget_bytes),
             conf,
@@ -157,6 +158,7 @@ impl Attachment {
 impl Drop for Attachment {
     /// However the socket's task ends (or if it never starts), the socket leaves its session.
     fn drop(&mut self) {
+        self.outbox.shut();
         self.detach();
     }
 }

@@ -28,6 +28,8 @@ pub enum Command {
     Send(Message),
     /// Send this close frame, flush, and stop writing.
     Close(CloseFrame),
+    /// Flush what was written and stop writing (the socket is ending).
+    Finish,
 }
 
 /// Why a data message was not queued.
@@ -189,6 +191,11 @@ impl Outbox {
     /// Marks a socket that has ended as gone, without a close frame: producers stop waiting.
     pub fn shut(&self) {
         self.begin_close();
+    }
+
+    /// Asks the writer to flush and stop, handing the write half back (the socket is ending).
+    pub fn finish(&self) {
+        let _ = self.priority.send((Command::Finish, 0));
     }
 
     /// Whether a close was requested.

@@ -277,6 +277,7 @@ mod tests {
         match cmd {
             Command::Send(m) => m.into_text().unwrap().to_string(),
             Command::Close(f) => format!("close {} {}", u16::from(f.code), f.reason),
+            Command::Finish => "finish".to_string(),
         }
     }
 
@@ -299,7 +300,7 @@ mod tests {
         while let Ok((cmd, _)) = s.rx.data.try_recv() {
             match cmd {
                 Command::Send(m) => out.push(m),
-                Command::Close(f) => panic!("unexpected close {f:?}"),
+                other => panic!("unexpected {other:?}"),
             }
         }
         out

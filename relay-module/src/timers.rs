@@ -31,6 +31,7 @@ mod tests {
         match rx.priority.try_recv() {
             Ok((Command::Send(m), _)) => Some(m.into_text().unwrap().to_string()),
             Ok((Command::Close(f), _)) => Some(format!("close {} {}", u16::from(f.code), f.reason)),
+            Ok((Command::Finish, _)) => Some("finish".into()),
             Err(_) => None,
         }
     }

@@ -561,6 +561,64 @@ async fn announced_oversized_frame_is_1009_right_after_the_header() {
     healthy.assert_intact(&relay).await;
 }
 
+/// A client that keeps streaming the payload of an oversized frame still reads the relay's
+/// 1009: the relay flushes its close, half-closes and discards the rest of the input until
+/// the client stops, instead of resetting the connection with unread data (which would
+/// destroy the close frame on its way).
+#[tokio::test]
+async fn oversized_upload_still_reads_1009_and_a_clean_end() {
+    let relay = TestRelay::start().await;
+    let healthy = Healthy::open(&relay).await;
+    let mut h = Hostile::open(&relay).await;
+    let raw = &mut h.k;
+    raw.send(&frame_header(true, 0, OP_BINARY, Some(MASK), 64 << 20))
+        .await;
+    let (mut rd, mut wr) = raw.tcp.split();
+    let stop = tokio::sync::Notify::new();
+    let upload = async {
+        let chunk = vec![0u8; 256 << 10];
+        let mut sent = 0usize;
+        loop {
+            tokio::select! {
+                _ = stop.notified() => break,
+                r = wr.write_all(&chunk) => {
+                    r.expect("the relay accepts the upload until the client stops");
+                    sent += chunk.len();
+                }
+            }
+        }
+        wr.shutdown().await.expect("half-close");
+        sent
+    };
+    let read = async {
+        let mut buf = std::mem::take(&mut raw.buf);
+        let mut chunk = vec![0u8; 4096];
+        let frame = loop {
+            if let Some((f, used)) = parse_server_frame(&buf) {
+                buf.drain(..used);
+                break f;
+            }
+            let n = tokio::time::timeout(WITHIN, rd.read(&mut chunk))
+                .await
+                .expect("the relay answers while the upload goes on")
+                .expect("no reset before the close frame");
+            assert!(n > 0, "EOF before the close frame");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        stop.notify_one();
+        assert_eq!(frame.close(), (1009, "Message too big".to_string()));
+        let n = tokio::time::timeout(WITHIN, rd.read(&mut chunk))
+            .await
+            .expect("the relay ends the connection")
+            .expect("a clean end, not a reset");
+        assert_eq!(n, 0, "nothing after the close frame");
+    };
+    let (sent, ()) = tokio::join!(upload, read);
+    assert!(sent > 0);
+    h.assert_client_gone().await;
+    healthy.assert_intact(&relay).await;
+}
+
 /// `n` zero bytes masked with the all-zero key (valid; keeps the test cheap).
 fn zero_key_frame(fin: bool, opcode: u8, n: usize) -> Vec<u8> {
     let mut f = frame_header(fin, 0, opcode, Some([0; 4]), n as u64);
