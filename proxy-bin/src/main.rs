@@ -17,6 +17,10 @@ use relay_module::{relay_service, RelayConf, SessionHub};
     version,
     about = "Self-hosted Paseo relay on Pingora"
 )]
+#[command(mut_arg("upgrade", |a| a.help("Take over the listeners of a running paseo-relay (graceful upgrade; then send the old one SIGQUIT)")))]
+#[command(mut_arg("daemon", |a| a.help("Run in the background (daemonise)")))]
+#[command(mut_arg("test", |a| a.help("Validate the configuration and exit: 0 if valid, 1 if not")))]
+#[command(mut_arg("conf", |a| a.help("YAML configuration file: Pingora keys at the top level, relay tuning under `relay:`")))]
 struct Cli {
     #[command(flatten)]
     pingora: Opt,
@@ -58,11 +62,38 @@ fn load(opt: &Opt) -> Result<(ServerConf, RelayConf), String> {
     Ok((server, relay))
 }
 
+/// Fails early, with the address and the reason, when a listen address is invalid or taken;
+/// Pingora would otherwise retry for 30 s and then panic. Skipped when taking over a running
+/// relay's sockets (`--upgrade`), which holds them by design.
+fn check_listen(addrs: &[String]) -> Result<(), String> {
+    for addr in addrs {
+        let parsed: std::net::SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("--listen {addr}: not an IP:port address ({e})"))?;
+        let socket = match parsed {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(|e| format!("--listen {addr}: {e}"))?;
+        socket
+            .set_reuseaddr(true)
+            .and_then(|()| socket.bind(parsed))
+            .map_err(|e| format!("--listen {addr}: cannot bind: {e}"))?;
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
         .init();
-    let (server_conf, relay_conf) = match load(&cli.pingora) {
+    let loaded = load(&cli.pingora).and_then(|confs| {
+        if !cli.pingora.upgrade && !cli.pingora.test {
+            check_listen(&cli.listen)?;
+        }
+        Ok(confs)
+    });
+    let (server_conf, relay_conf) = match loaded {
         Ok(confs) => confs,
         Err(e) => {
             eprintln!("paseo-relay: {e}");
@@ -79,6 +110,6 @@ fn main() {
     let hub = SessionHub::new(relay_conf);
     let service = relay_service(&server.configuration, hub, &cli.listen);
     server.add_service(service);
-    log::info!("paseo-relay listening on {}", cli.listen.join(", "));
+    log::info!("paseo-relay starting on {}", cli.listen.join(", "));
     server.run_forever();
 }
