@@ -38,6 +38,13 @@ use tokio_tungstenite::WebSocketStream;
 const MAX_BATCH_MESSAGES: usize = 64;
 /// Most payload bytes one writer batch takes before it flushes.
 const MAX_BATCH_BYTES: usize = 256 << 10;
+/// Messages up to this size are copied out of tungstenite's read allocation before they are
+/// queued or buffered: a small frame sliced from a large read would otherwise keep the whole
+/// allocation (up to a 32 MiB message) alive while the budgets count only its own bytes.
+const UNSHARE_BELOW_BYTES: usize = 16 << 10;
+/// RFC 6455 pings a peer may send while the relay cannot write to it (each needs a pong it
+/// is not reading); past this the connection is dropped.
+const MAX_PINGS_WHILE_BLOCKED: u32 = 64;
 /// tungstenite read buffer per socket, in bytes (eagerly allocated, so kept small).
 const READ_BUFFER_BYTES: usize = 8 << 10;
 /// tungstenite write buffer target, in bytes; a flush always writes everything.
@@ -50,9 +57,14 @@ pub fn ws_config(kind: &SocketKind, conf: &crate::RelayConf) -> WebSocketConfig 
         SocketKind::Control => conf.max_control_message_bytes,
         _ => conf.max_message_bytes,
     };
+    // What the writer can legitimately have buffered: one batch plus one largest message,
+    // plus room for a large `sync` and a few pongs. Beyond it tungstenite refuses to buffer.
+    let max_write_buffer =
+        conf.max_message_bytes + MAX_BATCH_BYTES + WRITE_BUFFER_BYTES + (1 << 20);
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(max_write_buffer)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
@@ -109,6 +121,8 @@ struct IoClock {
     last_read_ms: AtomicU64,
     last_write_ms: AtomicU64,
     last_drain_ms: AtomicU64,
+    /// The last write found the send buffer full (the peer is not taking data).
+    write_blocked: std::sync::atomic::AtomicBool,
 }
 
 impl IoClock {
@@ -139,6 +153,7 @@ impl<S> Activity<S> {
             last_read_ms: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
             last_drain_ms: AtomicU64::new(0),
+            write_blocked: std::sync::atomic::AtomicBool::new(false),
         });
         (
             Activity {
@@ -178,9 +193,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
                 self.io.stamp(&self.io.last_write_ms);
                 if std::mem::take(&mut self.write_blocked) {
                     self.io.stamp(&self.io.last_drain_ms);
+                    self.io.write_blocked.store(false, Ordering::Relaxed);
                 }
             }
-            Poll::Pending => self.write_blocked = true,
+            Poll::Pending => {
+                self.write_blocked = true;
+                self.io.write_blocked.store(true, Ordering::Relaxed);
+            }
             _ => {}
         }
         res
@@ -234,6 +253,7 @@ where
     // Once the relay closes: how long it still waits for the peer (see `closed` below).
     let mut grace: Option<Instant> = None;
     let mut stream_done = false;
+    let mut pings_while_blocked = 0u32;
     let mut returned: Option<(WriterEnd, Sink<S>)> = None;
     let end = loop {
         let alive = io.last_alive().max(last_progress);
@@ -274,6 +294,18 @@ where
             frame = stream.next(), if !stream_done => match frame {
                 None => break ReadEnd::Linger(returned.take().map(|(_, sink)| sink)),
                 Some(Ok(msg)) => {
+                    if let Message::Ping(_) = msg {
+                        // tungstenite queues a pong for each; a peer that floods pings while
+                        // not reading them would make that queue grow without end.
+                        if !io.write_blocked.load(Ordering::Relaxed) {
+                            pings_while_blocked = 0;
+                        } else if pings_while_blocked == MAX_PINGS_WHILE_BLOCKED {
+                            info!("{}: pings keep coming while the peer reads nothing, dropping the connection", att.describe());
+                            break ReadEnd::Drop;
+                        } else {
+                            pings_while_blocked += 1;
+                        }
+                    }
                     on_message(msg, att, conf).await;
                     last_progress = Instant::now();
                 }
@@ -368,7 +400,7 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
         return;
     }
     let deadline = conf.slow_consumer_timeout();
-    let mut route = att.forward(msg);
+    let mut route = att.forward(unshare(msg));
     // A destination that closes while a frame is in flight to it (a replaced data socket)
     // gets the frame routed once more: to its successor, or into the late-daemon buffer.
     for retry in [true, false] {
@@ -394,6 +426,18 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
             }
         }
         return;
+    }
+}
+
+/// A small message gets its own allocation (see [`UNSHARE_BELOW_BYTES`]); a large one keeps
+/// its zero-copy payload, which then is most of its allocation anyway.
+fn unshare(msg: Message) -> Message {
+    match msg {
+        Message::Binary(b) if b.len() < UNSHARE_BELOW_BYTES => {
+            Message::Binary(Bytes::copy_from_slice(&b))
+        }
+        Message::Text(t) if t.len() < UNSHARE_BELOW_BYTES => Message::text(t.as_str()),
+        other => other,
     }
 }
 
@@ -524,5 +568,29 @@ where
             Some(Err(_)) => return (WriterEnd::Failed, sink),
             None => return (WriterEnd::Stalled, sink),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_payloads_leave_the_read_allocation_large_ones_stay() {
+        let read = Bytes::from(vec![7u8; 1 << 20]);
+        let small = read.slice(10..11);
+        match unshare(Message::Binary(small.clone())) {
+            Message::Binary(b) => {
+                assert_eq!(b, small);
+                assert_ne!(b.as_ptr(), small.as_ptr(), "copied out");
+            }
+            other => panic!("{other:?}"),
+        }
+        let large = read.slice(..UNSHARE_BELOW_BYTES);
+        match unshare(Message::Binary(large.clone())) {
+            Message::Binary(b) => assert_eq!(b.as_ptr(), large.as_ptr(), "zero-copy"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(unshare(Message::text("héllo")), Message::text("héllo"));
     }
 }

@@ -146,11 +146,22 @@ impl Attachment {
     }
 
     /// `session <serverId> (<version>) <kind> #<id>`, for logs.
+    ///
+    /// Only the first 8 characters of the serverId are shown (knowing it is enough to pose as
+    /// the daemon), and control characters are escaped so that ids cannot forge log lines.
     pub fn describe(&self) -> String {
         let (version, server_id) = &self.key;
+        let shown: String = server_id.chars().take(8).collect();
+        let more = if shown.len() < server_id.len() {
+            "…"
+        } else {
+            ""
+        };
         format!(
-            "session {server_id} ({version:?}) {} #{}",
-            self.kind, self.id
+            "session {}{more} ({version:?}) {} #{}",
+            shown.escape_debug(),
+            self.kind,
+            self.id
         )
     }
 }
@@ -171,6 +182,18 @@ pub fn with_session<R>(cell: &SessionCell, f: impl FnOnce(&mut Session) -> R) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_show_a_short_escaped_server_id() {
+        let hub = SessionHub::new(RelayConf::default());
+        let out = Arc::new(Outbox::new(1024).0);
+        let key = (Version::V2, "srv_abcdefgh_secret".to_string());
+        let (k, _) = hub.attach(key, SocketKind::Client("a\r\n[x]".into()), out);
+        assert_eq!(
+            k.describe(),
+            format!("session srv_abcd… (V2) client a\\r\\n[x] #{}", k.id)
+        );
+    }
 
     #[test]
     fn empty_sessions_are_dropped_and_versions_are_separate() {

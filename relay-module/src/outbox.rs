@@ -96,16 +96,17 @@ impl Outbox {
     }
 
     /// Queues a control message ahead of all data. Never waits. Returns false when the socket
-    /// is closing; a socket whose priority backlog passes [`MAX_PRIORITY_BACKLOG_BYTES`] is
-    /// closed 1013 `Slow consumer`.
+    /// is closing; a socket whose priority backlog would pass [`MAX_PRIORITY_BACKLOG_BYTES`]
+    /// (a single message on an empty backlog always fits) is closed 1013 `Slow consumer`.
     pub fn push_control(&self, msg: Message) -> bool {
         if self.is_closing() {
             return false;
         }
         let cost = msg.len() + PER_MESSAGE_OVERHEAD;
-        if self.priority_backlog.fetch_add(cost, Ordering::AcqRel) + cost
-            > MAX_PRIORITY_BACKLOG_BYTES
-        {
+        let waiting = self.priority_backlog.fetch_add(cost, Ordering::AcqRel);
+        // One message of any size is fine when nothing waits (a large `sync`); a backlog
+        // means the socket is not reading.
+        if waiting > 0 && waiting + cost > MAX_PRIORITY_BACKLOG_BYTES {
             self.close(
                 crate::protocol::close::TRY_AGAIN,
                 crate::protocol::close::SLOW_CONSUMER,
@@ -275,9 +276,12 @@ mod tests {
     #[test]
     fn priority_backlog_is_bounded_in_bytes() {
         let (out, _rx) = Outbox::new(100);
-        let big = Message::text("x".repeat(MAX_PRIORITY_BACKLOG_BYTES / 2));
-        assert!(out.push_control(big.clone()));
-        assert!(!out.push_control(big));
+        let huge = Message::text("x".repeat(MAX_PRIORITY_BACKLOG_BYTES + 1));
+        assert!(
+            out.push_control(huge),
+            "one message on an empty backlog always fits"
+        );
+        assert!(!out.push_control(Message::text("more")));
         assert!(out.is_closing());
     }
 

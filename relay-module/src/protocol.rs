@@ -37,14 +37,15 @@ pub enum SocketKind {
 }
 
 impl std::fmt::Display for SocketKind {
-    /// `v1 server`, `control`, `data <id>`, `client <id>` (for logs).
+    /// `v1 server`, `control`, `data <id>`, `client <id>` (for logs; control characters in
+    /// the id are escaped).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SocketKind::V1(Role::Server) => f.write_str("v1 server"),
             SocketKind::V1(Role::Client) => f.write_str("v1 client"),
             SocketKind::Control => f.write_str("control"),
-            SocketKind::Data(x) => write!(f, "data {x}"),
-            SocketKind::Client(x) => write!(f, "client {x}"),
+            SocketKind::Data(x) => write!(f, "data {}", x.escape_debug()),
+            SocketKind::Client(x) => write!(f, "client {}", x.escape_debug()),
         }
     }
 }

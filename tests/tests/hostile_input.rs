@@ -619,6 +619,47 @@ async fn oversized_upload_still_reads_1009_and_a_clean_end() {
     healthy.assert_intact(&relay).await;
 }
 
+/// A client that floods RFC 6455 pings while reading nothing (so the pongs it is owed pile
+/// up) is dropped once the relay can no longer write to it, instead of growing the relay's
+/// memory without end; other sessions are undisturbed.
+#[tokio::test]
+async fn ping_flood_from_a_socket_that_never_reads_is_dropped() {
+    let relay = TestRelay::start().await;
+    let healthy = Healthy::open(&relay).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(relay.addr).await.unwrap();
+    let s = sid("pingflood");
+    let request = upgrade_request(&format!("serverId={s}&role=client&v=2&connectionId=a"));
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Never read: the relay's pongs fill this socket's window, then the relay's send buffer.
+    let ping = frame(true, 0, OP_PING, Some(MASK), &[0x55; 125]);
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 512)
+        .collect();
+    let flood = async {
+        let mut sent = 0usize;
+        loop {
+            match tcp.write_all(&batch).await {
+                Ok(()) => sent += 512,
+                Err(_) => return sent,
+            }
+        }
+    };
+    // Well before the 30 s write-stall limit would drop it anyway.
+    let sent = tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .expect("the relay drops a flooding socket that reads nothing");
+    assert!(
+        sent > 512,
+        "the flood was accepted for a while ({sent} pings)"
+    );
+    healthy.assert_intact(&relay).await;
+}
+
 /// `n` zero bytes masked with the all-zero key (valid; keeps the test cheap).
 fn zero_key_frame(fin: bool, opcode: u8, n: usize) -> Vec<u8> {
     let mut f = frame_header(fin, 0, opcode, Some([0; 4]), n as u64);
