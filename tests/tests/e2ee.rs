@@ -203,6 +203,19 @@ async fn next_frame(rx: &mut Stream, within: Duration, who: &str, waiting_for: &
     .unwrap_or_else(|_| panic!("{who}: no {waiting_for} within {within:?}"))
 }
 
+/// [`check_payload`], then logs how long the message took to arrive (since `waiting`) and to
+/// check.
+fn check_and_log(cipher: &SalsaBox, m: Message, want: &Payload, what: &str, waiting: Instant) {
+    let t = Instant::now();
+    let desc = describe(&m);
+    check_payload(cipher, m, want, what);
+    log::info!(
+        "{what}: {desc} arrived after {:.1?}, checked in {:.1?}",
+        t - waiting,
+        t.elapsed()
+    );
+}
+
 /// Checks that `m` is the ciphertext of `want` (frame kind and plaintext bytes).
 fn check_payload(cipher: &SalsaBox, m: Message, want: &Payload, what: &str) {
     let plain = match (m, want.binary) {
@@ -294,14 +307,7 @@ async fn run_app(
             match next_frame(&mut rx, FRAME_WITHIN, WHO, &what).await {
                 Message::Text(t) if t.as_str() == READY => readies += 1,
                 m => {
-                    let t = Instant::now();
-                    let desc = describe(&m);
-                    check_payload(&cipher, m, want, &what);
-                    log::info!(
-                        "{what}: {desc} arrived after {:.1?}, checked in {:.1?}",
-                        t - waiting,
-                        t.elapsed()
-                    );
+                    check_and_log(&cipher, m, want, &what, waiting);
                     break;
                 }
             }
@@ -408,14 +414,7 @@ async fn run_data(d: Arc<Daemon>, id: String) -> DataReport {
                     hellos += 1;
                 }
                 m => {
-                    let t = Instant::now();
-                    let desc = describe(&m);
-                    check_payload(&cipher, m, want, &what);
-                    log::info!(
-                        "{what}: {desc} arrived after {:.1?}, checked in {:.1?}",
-                        t - waiting,
-                        t.elapsed()
-                    );
+                    check_and_log(&cipher, m, want, &what, waiting);
                     break;
                 }
             }

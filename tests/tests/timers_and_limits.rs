@@ -1289,12 +1289,7 @@ async fn nudge_case61_no_control_attached() {
 async fn nudge_case62_the_reset_hits_the_replacement_control() {
     let relay = TestRelay::start_with(short_timers()).await;
     let s = sid("c62");
-    let (mut c, sync) = relay.control_synced(&s).await;
-    assert_eq!(sync, SYNC_EMPTY);
-    let t0_lo = Instant::now();
-    let _k = relay.client(&s, "a").await;
-    let t0_hi = Instant::now();
-    expect_text_between(&mut c, CONNECTED_A, t0_lo, t0_hi + SPEC_1S, "connected").await;
+    let (mut c, _k, t0_lo, t0_hi) = client_at_t0(&relay, &s).await;
     expect_text_between(
         &mut c,
         SYNC_A,
