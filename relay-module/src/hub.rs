@@ -4,15 +4,22 @@
 //! Lock order is hub, then session. Attach and detach hold both, so a session that becomes
 //! empty is removed atomically and a socket can never land in a dropped session. Frame
 //! routing locks only its own session. No lock is ever held across an `.await`.
+//!
+//! The hub also owns what the whole relay shares: the buffer budget, the timer queue, and
+//! the shutdown state (once [`SessionHub::close_all`] ran, no socket attaches any more),
+//! with the counts of live sockets and in-flight HTTP requests that tell when a draining
+//! relay is idle.
 
 use crate::buffer::BufferBudget;
 use crate::config::RelayConf;
 use crate::outbox::Outbox;
 use crate::protocol::{SocketKind, Version};
 use crate::session::{Forward, Peer, Session};
+use crate::timers::Timers;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Session key: v1 and v2 of one serverId never see each other (spec §1.4).
@@ -26,13 +33,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// All sessions of one relay, with the shared limits and buffer budget.
+/// The close every socket gets when the relay stops (spec §0 "Shutdown and upgrade"); new
+/// upgrades are then refused with 503 and the reason as body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// Close code: 1001 (SIGTERM) or 1012 (graceful upgrade).
+    pub code: u16,
+    /// Close reason: `Relay shutting down` or `Service restart`.
+    pub reason: &'static str,
+}
+
+/// The session table and, once the relay stops, how it stops.
+#[derive(Debug, Default)]
+struct Table {
+    sessions: HashMap<SessionKey, Arc<SessionCell>>,
+    closing: Option<Closing>,
+}
+
+/// All sessions of one relay, with the shared limits, buffer budget, timers and shutdown
+/// state.
 #[derive(Debug)]
 pub struct SessionHub {
-    sessions: Mutex<HashMap<SessionKey, Arc<SessionCell>>>,
+    table: Mutex<Table>,
     conf: RelayConf,
     budget: BufferBudget,
+    timers: Timers,
     next_socket_id: AtomicU64,
+    /// Attachments alive (sockets between attach and the end of their task).
+    sockets: AtomicUsize,
+    /// HTTP requests being handled ([`InFlight`] guards).
+    requests: AtomicUsize,
+    /// Woken whenever `sockets` or `requests` drops to zero.
+    idle: Notify,
+}
+
+/// Counts one HTTP request as in flight until dropped (see [`SessionHub::idle`]).
+#[derive(Debug)]
+pub struct InFlight(Arc<SessionHub>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A socket registered in a session; routes its frames and detaches it when it ends.
@@ -56,9 +100,65 @@ impl SessionHub {
         Arc::new(SessionHub {
             budget: BufferBudget::new(conf.pending_budget_bytes),
             conf,
-            sessions: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            timers: Timers::default(),
             next_socket_id: AtomicU64::new(1),
+            sockets: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            idle: Notify::new(),
         })
+    }
+
+    /// The relay's nudge/reset timer queue (run by [`crate::timers::TimerService`]).
+    pub fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    /// Marks one HTTP request as in flight until the guard is dropped.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Number of sockets attached and not yet ended.
+    pub fn socket_count(&self) -> usize {
+        self.sockets.load(Ordering::Acquire)
+    }
+
+    /// How the relay is stopping, once [`SessionHub::close_all`] ran.
+    pub fn closing(&self) -> Option<Closing> {
+        lock(&self.table).closing
+    }
+
+    /// Starts the relay's shutdown: from now on no socket attaches, and every attached
+    /// socket is closed with `closing` after the frames already queued to it. Only the first
+    /// call counts. Returns the number of sockets asked to close.
+    pub fn close_all(&self, closing: Closing) -> usize {
+        let sessions: Vec<Arc<SessionCell>> = {
+            let mut table = lock(&self.table);
+            if table.closing.is_some() {
+                return 0;
+            }
+            table.closing = Some(closing);
+            table.sessions.values().cloned().collect()
+        };
+        for session in &sessions {
+            lock(session).close_all(closing.code, closing.reason);
+        }
+        self.socket_count()
+    }
+
+    /// Completes once no socket is attached and no HTTP request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.socket_count() == 0 && self.requests.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The relay's tuning.
@@ -68,7 +168,7 @@ impl SessionHub {
 
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        lock(&self.table).sessions.len()
     }
 
     /// Bytes held in late-daemon buffers across all sessions.
@@ -78,21 +178,29 @@ impl SessionHub {
 
     /// Registers a socket in the session `key` (created if needed) and queues its on-connect
     /// frames. Returns the attachment and whether a nudge timer must start (new client).
+    ///
+    /// # Errors
+    /// Once the relay is stopping ([`SessionHub::close_all`]), returns how it stops and
+    /// registers nothing.
     pub fn attach(
         self: &Arc<Self>,
         key: SessionKey,
         kind: SocketKind,
         outbox: Arc<Outbox>,
-    ) -> (Attachment, bool) {
+    ) -> Result<(Attachment, bool), Closing> {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
         let peer = Peer {
             id,
             outbox: outbox.clone(),
         };
-        let mut sessions = lock(&self.sessions);
-        let session = sessions.entry(key.clone()).or_default().clone();
+        let mut table = lock(&self.table);
+        if let Some(closing) = table.closing {
+            return Err(closing);
+        }
+        let session = table.sessions.entry(key.clone()).or_default().clone();
         let nudge = lock(&session).attach(&kind, peer, &self.budget);
-        drop(sessions);
+        self.sockets.fetch_add(1, Ordering::AcqRel);
+        drop(table);
         let attachment = Attachment {
             hub: self.clone(),
             key,
@@ -101,7 +209,7 @@ impl SessionHub {
             id,
             outbox,
         };
-        (attachment, nudge)
+        Ok((attachment, nudge))
     }
 }
 
@@ -125,7 +233,8 @@ impl Attachment {
     /// Removes this socket from its session (cascades of spec §3.9) and drops the session
     /// if it is now empty. Idempotent.
     pub fn detach(&self) {
-        let mut sessions = lock(&self.hub.sessions);
+        let mut table = lock(&self.hub.table);
+        let sessions = &mut table.sessions;
         let empty = {
             let mut session = lock(&self.session);
             session.detach(&self.kind, self.id, &self.hub.budget);
@@ -171,6 +280,9 @@ impl Drop for Attachment {
     fn drop(&mut self) {
         self.outbox.shut();
         self.detach();
+        if self.hub.sockets.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.hub.idle.notify_waiters();
+        }
     }
 }
 
@@ -188,7 +300,9 @@ mod tests {
         let hub = SessionHub::new(RelayConf::default());
         let out = Arc::new(Outbox::new(1024).0);
         let key = (Version::V2, "srv_abcdefgh_secret".to_string());
-        let (k, _) = hub.attach(key, SocketKind::Client("a\r\n[x]".into()), out);
+        let (k, _) = hub
+            .attach(key, SocketKind::Client("a\r\n[x]".into()), out)
+            .unwrap();
         assert_eq!(
             k.describe(),
             format!("session srv_abcd… (V2) client a\\r\\n[x] #{}", k.id)
@@ -199,12 +313,16 @@ mod tests {
     fn empty_sessions_are_dropped_and_versions_are_separate() {
         let hub = SessionHub::new(RelayConf::default());
         let out = || Arc::new(Outbox::new(1024).0);
-        let (c, _) = hub.attach((Version::V2, "S".into()), SocketKind::Control, out());
-        let (v1, _) = hub.attach(
-            (Version::V1, "S".into()),
-            SocketKind::V1(crate::protocol::Role::Server),
-            out(),
-        );
+        let (c, _) = hub
+            .attach((Version::V2, "S".into()), SocketKind::Control, out())
+            .unwrap();
+        let (v1, _) = hub
+            .attach(
+                (Version::V1, "S".into()),
+                SocketKind::V1(crate::protocol::Role::Server),
+                out(),
+            )
+            .unwrap();
         assert_eq!(hub.session_count(), 2);
         assert!(!c.outbox.is_closing());
         c.detach();
@@ -213,14 +331,49 @@ mod tests {
         drop(v1);
         assert_eq!(hub.session_count(), 0);
         // A socket attached after the drop lands in a fresh session.
-        let (k, nudge) = hub.attach(
-            (Version::V2, "S".into()),
-            SocketKind::Client("a".into()),
-            out(),
-        );
+        let (k, nudge) = hub
+            .attach(
+                (Version::V2, "S".into()),
+                SocketKind::Client("a".into()),
+                out(),
+            )
+            .unwrap();
         assert!(nudge);
         assert_eq!(hub.session_count(), 1);
         k.detach();
+        assert_eq!(hub.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn close_all_closes_every_socket_and_refuses_new_ones_until_idle() {
+        let hub = SessionHub::new(RelayConf::default());
+        let out = || Arc::new(Outbox::new(1024).0);
+        let key = || (Version::V2, "S".to_string());
+        let (c, _) = hub.attach(key(), SocketKind::Control, out()).unwrap();
+        let (k, _) = hub
+            .attach(key(), SocketKind::Client("a".into()), out())
+            .unwrap();
+        let request = hub.request_started();
+        assert_eq!(hub.socket_count(), 2);
+        assert_eq!(hub.close_all(crate::lifecycle::SHUTTING_DOWN), 2);
+        assert!(c.outbox.is_closing() && k.outbox.is_closing());
+        assert_eq!(
+            hub.attach(key(), SocketKind::Control, out()).err(),
+            Some(crate::lifecycle::SHUTTING_DOWN)
+        );
+        // A second close_all (an upgrade after a terminate) changes nothing.
+        assert_eq!(hub.close_all(crate::lifecycle::RESTARTING), 0);
+        assert_eq!(hub.closing(), Some(crate::lifecycle::SHUTTING_DOWN));
+        let idle = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.idle().await }
+        });
+        drop((c, k));
+        assert_eq!(hub.socket_count(), 0);
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished(), "a request is still in flight");
+        drop(request);
+        idle.await.unwrap();
         assert_eq!(hub.session_count(), 0);
     }
 }

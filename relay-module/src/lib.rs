@@ -17,7 +17,11 @@
 //!                        late-daemon buffer per x; nudge/reset timers (timers.rs)
 //! ```
 //!
-//! Only `service` and `conn` know Pingora or socket types; `hub`, `session`, `buffer`,
+//! Operations: `tls` (certificate store, SIGHUP reload, plain HTTP on a TLS port) and
+//! `lifecycle` (SIGTERM / SIGQUIT drain) run as Pingora background services next to the
+//! timers; [`add_relay`] wires all of them into a `Server`.
+//!
+//! Only `service`, `conn`, `tls`, `lifecycle` and the timer service know Pingora or socket types; `hub`, `session`, `buffer`,
 //! `params`, `handshake` and `protocol` are plain Rust with unit tests.
 
 #![forbid(unsafe_code)]
@@ -28,13 +32,17 @@ pub mod config;
 pub mod conn;
 pub mod handshake;
 pub mod hub;
+pub mod lifecycle;
 pub mod outbox;
 pub mod params;
 pub mod protocol;
 pub mod service;
 pub mod session;
 pub mod timers;
+pub mod tls;
 
 pub use config::RelayConf;
 pub use hub::SessionHub;
-pub use service::{relay_service, RelayProxy};
+pub use lifecycle::{Lifecycle, RelaySignals};
+pub use service::{add_relay, relay_service, Listener, RelayProxy};
+pub use tls::CertStore;

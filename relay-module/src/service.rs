@@ -7,14 +7,20 @@
 //! queued) → 101 written by Pingora → pipelined bytes collected → the raw stream is swapped
 //! out of Pingora's session and given to a spawned socket task → `Ok(true)`, which ends
 //! Pingora's handling of the request.
+//!
+//! [`add_relay`] puts the whole relay into a Pingora `Server`: this HTTP service on every
+//! [`Listener`] (plain or TLS) plus the background services for timers, the shutdown drain
+//! and the SIGHUP certificate reload.
 
 use crate::conn;
 use crate::handshake::{self, HandshakeError};
-use crate::hub::SessionHub;
+use crate::hub::{InFlight, SessionHub};
+use crate::lifecycle::{DrainService, Lifecycle};
 use crate::outbox::Outbox;
 use crate::params;
 use crate::protocol::{assign_connection_id, SocketKind};
-use crate::timers;
+use crate::timers::TimerService;
+use crate::tls::{CertStore, PlainHttpGuard, ReloadService};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -24,6 +30,8 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{http_proxy_service_with_name, HttpProxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use pingora::{Error, ErrorType, Result};
 use std::sync::Arc;
@@ -59,19 +67,76 @@ impl RelayProxy {
     }
 }
 
-/// Builds the Pingora service that serves the relay on each address of `listen`
-/// (`host:port`, plain TCP). The binary and the integration tests both use this.
+/// One listening address of the relay.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `host:port` to bind, e.g. `0.0.0.0:8080` or `[::]:443`.
+    pub addr: String,
+    /// The certificate store when this listener speaks TLS; `None` for plain TCP.
+    pub tls: Option<Arc<CertStore>>,
+}
+
+impl Listener {
+    /// A plain TCP listener on `addr`.
+    pub fn plain(addr: impl Into<String>) -> Listener {
+        Listener {
+            addr: addr.into(),
+            tls: None,
+        }
+    }
+}
+
+/// Builds the Pingora HTTP service that serves the relay on every listener. All listeners
+/// share `hub`, so a daemon on a plain LAN listener and an app on a TLS one pair up.
 pub fn relay_service(
     server_conf: &Arc<ServerConf>,
     hub: Arc<SessionHub>,
-    listen: &[String],
+    listeners: &[Listener],
 ) -> Service<HttpProxy<RelayProxy>> {
     let mut service =
         http_proxy_service_with_name(server_conf, RelayProxy::new(hub), "paseo-relay");
-    for addr in listen {
-        service.add_tcp(addr);
+    if listeners.iter().any(|l| l.tls.is_some()) {
+        service
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(PlainHttpGuard));
+    }
+    for listener in listeners {
+        match &listener.tls {
+            None => service.add_tcp(&listener.addr),
+            Some(store) => {
+                service.add_tls_with_settings(&listener.addr, None, store.tls_settings())
+            }
+        }
     }
     service
+}
+
+/// Adds the relay to `server`: the HTTP service on `listeners` and the background services
+/// that run the nudge timers, the drain on graceful shutdown (see [`crate::lifecycle`]) and
+/// the SIGHUP reload of the TLS certificate. Call before `run_forever`; nothing starts
+/// before it (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the
+/// drain knows an upgrade from a terminate.
+pub fn add_relay(
+    server: &mut Server,
+    hub: &Arc<SessionHub>,
+    listeners: &[Listener],
+    life: &Arc<Lifecycle>,
+) {
+    let http = relay_service(&server.configuration, hub.clone(), listeners);
+    server.add_service(http);
+    server.add_service(background_service(
+        "relay timers",
+        TimerService(hub.clone()),
+    ));
+    server.add_service(background_service(
+        "relay drain",
+        DrainService {
+            hub: hub.clone(),
+            life: life.clone(),
+        },
+    ));
+    let store = listeners.iter().find_map(|l| l.tls.clone());
+    server.add_service(background_service("TLS reload", ReloadService(store)));
 }
 
 /// Writes a complete response with an exact body and `Content-Type`.
@@ -130,9 +195,15 @@ impl RelayProxy {
 
         let kind = params.socket_kind(assign_connection_id);
         let (outbox, rx) = Outbox::new(conf.outbound_queue_bytes);
-        let (att, nudge) =
-            self.hub
-                .attach((params.version, params.server_id), kind, Arc::new(outbox));
+        let key = (params.version, params.server_id);
+        let (att, nudge) = match self.hub.attach(key, kind, Arc::new(outbox)) {
+            Ok(attached) => attached,
+            Err(closing) => {
+                debug!("/ws refused: the relay is stopping");
+                session.set_keepalive(None);
+                return respond(session, 503, TEXT_PLAIN, closing.reason, None).await;
+            }
+        };
 
         let mut resp = ResponseHeader::build(101, Some(3))?;
         resp.insert_header("Upgrade", "websocket")?;
@@ -158,8 +229,8 @@ impl RelayProxy {
         info!("{}: attached", att.describe());
         if nudge {
             if let SocketKind::Client(x) = &att.kind {
-                timers::spawn_nudge(
-                    att.session().clone(),
+                self.hub.timers().schedule(
+                    att.session(),
                     x.clone(),
                     conf.nudge_after(),
                     conf.reset_after(),
@@ -173,9 +244,12 @@ impl RelayProxy {
 
 #[async_trait]
 impl ProxyHttp for RelayProxy {
-    type CTX = ();
+    /// Counts the request as in flight, so that a draining relay waits for it.
+    type CTX = InFlight;
 
-    fn new_ctx(&self) -> Self::CTX {}
+    fn new_ctx(&self) -> Self::CTX {
+        self.hub.request_started()
+    }
 
     /// Every request is answered here: the relay has no upstream (routes come later).
     async fn request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool> {

@@ -227,6 +227,20 @@ impl Session {
         }
     }
 
+    /// Closes every socket of the session with `code`/`reason` after the frames already
+    /// queued to it (graceful shutdown and upgrade, spec §0 "Shutdown and upgrade"). The
+    /// sockets detach as they end; their cascades find them closing and add nothing.
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        let clients = self.clients.values().flat_map(|g| g.sockets.iter());
+        self.v1_server
+            .iter()
+            .chain(&self.v1_client)
+            .chain(&self.control)
+            .chain(self.data.values())
+            .chain(clients)
+            .for_each(|peer| peer.outbox.close_in_order(code, reason));
+    }
+
     /// Whether `x` has a client and no data socket: the condition of both nudge steps.
     pub fn waiting_for_data(&self, x: &str) -> bool {
         self.clients.contains_key(x) && !self.data.contains_key(x)

@@ -1,21 +1,174 @@
-//! The nudge/reset timer of a client socket (relay-protocol.md §3.8): at T0+10 s a `sync`
+//! The nudge/reset timers of client sockets (relay-protocol.md §3.8): at T0+10 s a `sync`
 //! to the control, at T0+15 s a 1011 `Control unresponsive`, each only if the client's
 //! connectionId still has a client and no data socket. Never cancelled; conditions are
-//! re-checked instead.
+//! re-checked when a timer fires.
+//!
+//! All timers of a relay live in one [`Timers`] queue, run by [`TimerService`], a Pingora
+//! background service: it starts after `run_forever` (so after the `-d` fork) and stops with
+//! the server.
 
-use crate::hub::{with_session, SessionCell};
-use std::sync::Arc;
+use crate::hub::{with_session, SessionCell, SessionHub};
+use async_trait::async_trait;
+use log::warn;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-/// Starts the timer for connectionId `x` of `session` (T0 is now). Runs on the current
-/// tokio runtime (a Pingora service runtime, so it works after daemonising).
-pub fn spawn_nudge(session: Arc<SessionCell>, x: String, nudge: Duration, reset: Duration) {
-    tokio::spawn(async move {
-        tokio::time::sleep(nudge).await;
-        with_session(&session, |s| s.nudge(&x));
-        tokio::time::sleep(reset.saturating_sub(nudge)).await;
-        with_session(&session, |s| s.reset(&x));
-    });
+/// What a timer does when it fires.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Nudge,
+    Reset,
+}
+
+/// One pending timer: `step` for connectionId `x` of `session` at `at`.
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    seq: u64,
+    step: Step,
+    session: Weak<SessionCell>,
+    x: String,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    /// Earliest first in a max-heap: reversed on (deadline, arrival).
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// The relay's timer queue. [`Timers::schedule`] never blocks; [`Timers::run`] fires the
+/// timers (one runner per queue).
+#[derive(Debug)]
+pub struct Timers {
+    tx: mpsc::UnboundedSender<Due>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Due>>>,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Timers {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Timers {
+    /// Starts the timers for connectionId `x` of `session` (T0 is now): nudge at T0+`nudge`,
+    /// reset at T0+`reset`. The timers hold the session weakly: a dropped session is skipped.
+    pub fn schedule(
+        &self,
+        session: &Arc<SessionCell>,
+        x: String,
+        nudge: Duration,
+        reset: Duration,
+    ) {
+        let now = Instant::now();
+        for (after, step) in [(nudge, Step::Nudge), (reset, Step::Reset)] {
+            let due = Due {
+                at: now + after,
+                seq: 0,
+                step,
+                session: Arc::downgrade(session),
+                x: x.clone(),
+            };
+            // Fails only once the runner has stopped (server shutdown): nothing to time then.
+            let _ = self.tx.send(due);
+        }
+    }
+
+    /// Fires timers until `shutdown` turns true (or forever without one). Only the first call
+    /// runs; a second one returns at once.
+    pub async fn run(&self, mut shutdown: Option<ShutdownWatch>) {
+        let taken = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut rx) = taken else {
+            warn!("relay timers are already running");
+            return;
+        };
+        let mut heap: BinaryHeap<Due> = BinaryHeap::new();
+        let mut seq = 0u64;
+        loop {
+            let next = heap.peek().map(|d| d.at);
+            tokio::select! {
+                received = rx.recv() => match received {
+                    Some(mut due) => {
+                        seq += 1;
+                        due.seq = seq;
+                        heap.push(due);
+                    }
+                    None => return,
+                },
+                () = sleep_until(next) => {
+                    let now = Instant::now();
+                    while heap.peek().is_some_and(|d| d.at <= now) {
+                        if let Some(due) = heap.pop() {
+                            fire(due);
+                        }
+                    }
+                }
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without a deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes when the server starts shutting down (never without a watch).
+async fn stopped(shutdown: &mut Option<ShutdownWatch>) {
+    match shutdown {
+        Some(watch) => {
+            if watch.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn fire(due: Due) {
+    let Some(session) = due.session.upgrade() else {
+        return;
+    };
+    match due.step {
+        Step::Nudge => with_session(&session, |s| s.nudge(&due.x)),
+        Step::Reset => with_session(&session, |s| s.reset(&due.x)),
+    }
+}
+
+/// The Pingora background service that runs the hub's [`Timers`].
+pub struct TimerService(pub Arc<SessionHub>);
+
+#[async_trait]
+impl BackgroundService for TimerService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.timers().run(Some(shutdown)).await;
+    }
 }
 
 #[cfg(test)]
@@ -56,8 +209,11 @@ mod tests {
             next(&mut rx).as_deref(),
             Some(r#"{"type":"connected","connectionId":"a"}"#)
         );
-        spawn_nudge(
-            cell.clone(),
+        let timers = Arc::new(Timers::default());
+        let runner = timers.clone();
+        tokio::spawn(async move { runner.run(None).await });
+        timers.schedule(
+            &cell,
             "a".into(),
             Duration::from_secs(10),
             Duration::from_secs(15),

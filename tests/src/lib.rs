@@ -1,11 +1,11 @@
 //! Test support for paseo-relay's integration tests: [`TestRelay`] starts the real Pingora
-//! server with the relay service (the same `relay_service` wiring the binary uses) on an
+//! server with the relay services (the same `add_relay` wiring the binary uses) on an
 //! ephemeral port, and small WebSocket and raw-HTTP client helpers speak to it.
 
 use futures_util::{SinkExt, StreamExt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use relay_module::{relay_service, RelayConf, SessionHub};
+use relay_module::{add_relay, Lifecycle, Listener, RelayConf, SessionHub};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,10 +35,18 @@ impl ShutdownSignalWatch for WatchShutdown {
     }
 }
 
-/// A relay server running in this process on its own Pingora threads; stopped on drop.
-pub struct TestRelay {
-    /// Where it listens (127.0.0.1, ephemeral port).
+/// A relay's address, with the client helpers that speak to it (plain `ws://`). Tests of
+/// the real binary build one from the port they gave it.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint {
+    /// Where the relay listens.
     pub addr: SocketAddr,
+}
+
+/// A relay server running in this process on its own Pingora threads; stopped on drop.
+/// Derefs to its [`Endpoint`] (`relay.addr`, `relay.control(..)`, ...).
+pub struct TestRelay {
+    endpoint: Endpoint,
     /// The hub the server uses (to observe session counts).
     pub hub: Arc<SessionHub>,
     stop: watch::Sender<bool>,
@@ -83,8 +91,8 @@ impl TestRelay {
         let (stop, stop_rx) = watch::channel(false);
         let mut server = Server::new_with_opt_and_conf(None, server_conf);
         server.bootstrap();
-        let service = relay_service(&server.configuration, hub.clone(), &[addr.to_string()]);
-        server.add_service(service);
+        let listeners = [Listener::plain(addr.to_string())];
+        add_relay(&mut server, &hub, &listeners, &Lifecycle::new(false));
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {
                 shutdown_signal: Box::new(WatchShutdown(stop_rx)),
@@ -99,13 +107,22 @@ impl TestRelay {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         TestRelay {
-            addr,
+            endpoint: Endpoint { addr },
             hub,
             stop,
             thread: Some(thread),
         }
     }
+}
 
+impl std::ops::Deref for TestRelay {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+impl Endpoint {
     /// `ws://127.0.0.1:PORT/ws?QUERY`.
     pub fn url(&self, query: &str) -> String {
         format!("ws://{}/ws?{query}", self.addr)
@@ -371,7 +388,7 @@ pub async fn barrier(ws: &mut Ws) {
     .expect("barrier pong within the deadline")
 }
 
-impl TestRelay {
+impl Endpoint {
     /// A paired v2 connection `x` of `server_id`: control (its first frame is exactly the
     /// empty `sync`), client K(x) and data D(x); the control has received `connected` for x.
     pub async fn paired(&self, server_id: &str, x: &str) -> (Ws, Ws, Ws) {
