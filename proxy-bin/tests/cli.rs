@@ -63,7 +63,10 @@ fn invalid_relay_value_is_rejected_with_its_key() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
-        "paseo-relay: relay.reset_after_ms: must be greater than relay.nudge_after_ms (20000 ms)"
+        format!(
+            "paseo-relay: {}: relay.reset_after_ms: must be greater than relay.nudge_after_ms (20000 ms)",
+            path.display()
+        )
     );
 }
 

@@ -1,0 +1,583 @@
+//! The binary's configuration, merged in one place with the priority
+//! flags > environment > YAML file > defaults:
+//!
+//! | flag | env | file key | default |
+//! |---|---|---|---|
+//! | `--listen ADDR` (repeatable) | `PASEO_LISTEN` (comma-separated) | `listen` (string or list) | `0.0.0.0:8080` |
+//! | `--tls-cert PATH` | `PASEO_TLS_CERT` | `tls.cert` | none |
+//! | `--tls-key PATH` | `PASEO_TLS_KEY` | `tls.key` | none |
+//! | `--log-level LEVEL` | `PASEO_LOG_LEVEL` | `log_level` | `info` |
+//! | `-c/--conf/--config PATH` | `PASEO_CONFIG` | - | none |
+//!
+//! The YAML file also holds Pingora's `ServerConf` keys at the top level and the relay's
+//! tuning under `relay:`. A Go-relay file (`listen`, `log_level`, `tls.enabled`, `tls.cert`,
+//! `tls.key`) works unchanged; empty strings count as unset, as in the Go relay. TLS is on
+//! when a certificate and a key are both set.
+//!
+//! Every error is one line naming where the value came from (flag, variable or file and
+//! key) and what is wrong; the binary prints it and exits 1 before serving.
+
+use pingora::server::configuration::ServerConf;
+use relay_module::{CertStore, Listener, RelayConf};
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Address listened on when no layer sets one.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Our default for Pingora's `grace_period_seconds` (spec §0: exit within 10 s of SIGTERM).
+pub const DEFAULT_GRACE_SECONDS: u64 = 10;
+/// Our default for Pingora's `graceful_shutdown_timeout_seconds`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 5;
+/// Our default `pid_file` (Pingora's, `/tmp/pingora.pid`, would clash with other Pingora apps).
+pub const DEFAULT_PID_FILE: &str = "/tmp/paseo-relay.pid";
+/// Our default `upgrade_sock` (same reason).
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/paseo-relay_upgrade.sock";
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The values given on the command line (`None`/empty: not given).
+#[derive(Debug, Default)]
+pub struct Flags {
+    /// `--listen`, in order.
+    pub listen: Vec<String>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<String>,
+    /// `--tls-key`.
+    pub tls_key: Option<String>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+    /// `-c/--conf/--config`.
+    pub config: Option<String>,
+}
+
+/// The resolved configuration.
+pub struct Settings {
+    /// Where to listen, each plain or TLS; at least one, no duplicates.
+    pub listeners: Vec<Listener>,
+    /// Log level for env_logger (`RUST_LOG`, if set, still wins).
+    pub log_level: String,
+    /// Pingora's settings, with our defaults where nothing set them.
+    pub server: ServerConf,
+    /// The relay's tuning (`relay:`), validated.
+    pub relay: RelayConf,
+    /// The configuration file read, if any.
+    pub config_path: Option<String>,
+}
+
+/// A value and where it came from (`--listen`, `PASEO_LISTEN`, `conf.yaml: listen`).
+#[derive(Debug, Clone)]
+struct Sourced<T> {
+    value: T,
+    from: String,
+}
+
+/// `tls:` of the file, as the Go relay writes it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    cert: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// What the YAML file holds.
+#[derive(Default)]
+struct FileConf {
+    listen: Option<Vec<String>>,
+    log_level: Option<String>,
+    tls: TlsFile,
+    relay: RelayConf,
+    server: ServerConf,
+    /// Pingora keys the file sets (our defaults apply to the others).
+    server_keys: HashSet<String>,
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+/// The names of Pingora's `ServerConf` keys, as its YAML spells them.
+fn server_conf_keys() -> HashSet<String> {
+    match serde_yaml::to_value(ServerConf::default()) {
+        Ok(Value::Mapping(m)) => m
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect(),
+        _ => HashSet::new(),
+    }
+}
+
+/// A section that may be empty (`tls:` with nothing under it) or a mapping.
+fn section<T: for<'de> Deserialize<'de> + Default>(value: Value) -> Result<T, String> {
+    if value.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(value).map_err(|e| e.to_string())
+}
+
+fn read_file(path: &str) -> Result<FileConf, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: cannot read: {e}"))?;
+    let top: Value = serde_yaml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+    let top = match top {
+        Value::Null => Mapping::new(),
+        Value::Mapping(m) => m,
+        _ => {
+            return Err(format!(
+                "{path}: expected `key: value` lines at the top level"
+            ))
+        }
+    };
+    let known = server_conf_keys();
+    let mut file = FileConf::default();
+    let mut server = Mapping::new();
+    for (key, value) in top {
+        let Some(key) = key.as_str().map(str::to_string) else {
+            return Err(format!("{path}: a key is not a string: {key:?}"));
+        };
+        match key.as_str() {
+            "listen" => {
+                let list = match value {
+                    Value::Null => vec![],
+                    Value::String(s) => vec![s],
+                    Value::Sequence(items) => items
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::String(s) => Ok(s),
+                            _ => Err(()),
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(|()| format!("{path}: listen: expected addresses as strings"))?,
+                    _ => {
+                        return Err(format!(
+                            "{path}: listen: expected an address or a list of addresses"
+                        ))
+                    }
+                };
+                let list: Vec<String> = list.into_iter().filter(|s| !s.trim().is_empty()).collect();
+                file.listen = (!list.is_empty()).then_some(list);
+            }
+            "log_level" => {
+                file.log_level = match value {
+                    Value::Null => None,
+                    Value::String(s) => non_empty(Some(s)),
+                    _ => return Err(format!("{path}: log_level: expected a string")),
+                }
+            }
+            "tls" => file.tls = section(value).map_err(|e| format!("{path}: tls: {e}"))?,
+            "relay" => file.relay = section(value).map_err(|e| format!("{path}: relay: {e}"))?,
+            // Pingora sends its readiness signal from `bootstrap`, which the binary runs
+            // before daemonising (to take over listeners first): the parent would wait in vain.
+            "daemon_wait_for_ready" if value.as_bool() == Some(true) => {
+                return Err(format!(
+                    "{path}: daemon_wait_for_ready: not supported by paseo-relay (it takes \
+                     over listeners before it forks)"
+                ))
+            }
+            _ if known.contains(&key) => {
+                // Checked one by one so that a wrong type names its key.
+                let mut one = Mapping::new();
+                one.insert(Value::String(key.clone()), value.clone());
+                serde_yaml::from_value::<ServerConf>(Value::Mapping(one))
+                    .map_err(|e| format!("{path}: {key}: {e}"))?;
+                server.insert(Value::String(key.clone()), value);
+                file.server_keys.insert(key);
+            }
+            _ => return Err(format!("{path}: unknown key `{key}`")),
+        }
+    }
+    file.server =
+        serde_yaml::from_value(Value::Mapping(server)).map_err(|e| format!("{path}: {e}"))?;
+    file.relay.validate().map_err(|e| format!("{path}: {e}"))?;
+    Ok(file)
+}
+
+/// Picks the first layer that has a value: flag, then environment, then file.
+fn pick(
+    flag: Option<String>,
+    flag_name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    file: Option<String>,
+    file_key: String,
+) -> Option<Sourced<String>> {
+    let sourced = |value, from: &str| Sourced {
+        value,
+        from: from.to_string(),
+    };
+    non_empty(flag)
+        .map(|v| sourced(v, flag_name))
+        .or_else(|| non_empty(env(var)).map(|v| sourced(v, var)))
+        .or_else(|| non_empty(file).map(|v| sourced(v, &file_key)))
+}
+
+/// One `listen` entry: `[tls://|tcp://]HOST:PORT` or `:PORT` (all IPv4 interfaces, as in
+/// Go). Returns the address and `Some(true)` for `tls://`, `Some(false)` for `tcp://`.
+fn parse_listen(entry: &str, from: &str) -> Result<(String, Option<bool>), String> {
+    let trimmed = entry.trim();
+    let (rest, tls) = if let Some(rest) = trimmed.strip_prefix("tls://") {
+        (rest, Some(true))
+    } else if let Some(rest) = trimmed.strip_prefix("tcp://") {
+        (rest, Some(false))
+    } else {
+        (trimmed, None)
+    };
+    let full = if rest.starts_with(':') {
+        format!("0.0.0.0{rest}")
+    } else {
+        rest.to_string()
+    };
+    let addr: SocketAddr = full
+        .parse()
+        .map_err(|e| format!("{from} {entry}: not an IP:port address ({e})"))?;
+    Ok((addr.to_string(), tls))
+}
+
+/// Merges the layers and checks everything, TLS files included.
+///
+/// # Errors
+/// One line naming the flag, variable, or file and key, and what is wrong.
+pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
+    let config_path = non_empty(flags.config).or_else(|| non_empty(env("PASEO_CONFIG")));
+    let file = match &config_path {
+        Some(path) => read_file(path)?,
+        None => FileConf::default(),
+    };
+    let in_file = |key: &str| match &config_path {
+        Some(path) => format!("{path}: {key}"),
+        None => key.to_string(),
+    };
+
+    // listen
+    let listen: Sourced<Vec<String>> = if !flags.listen.is_empty() {
+        Sourced {
+            value: flags.listen,
+            from: "--listen".into(),
+        }
+    } else if let Some(v) = non_empty(env("PASEO_LISTEN")) {
+        Sourced {
+            value: v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            from: "PASEO_LISTEN".into(),
+        }
+    } else if let Some(list) = file.listen {
+        Sourced {
+            value: list,
+            from: in_file("listen"),
+        }
+    } else {
+        Sourced {
+            value: vec![DEFAULT_LISTEN.to_string()],
+            from: "default listen".into(),
+        }
+    };
+
+    // TLS
+    let cert = pick(
+        flags.tls_cert,
+        "--tls-cert",
+        env,
+        "PASEO_TLS_CERT",
+        file.tls.cert,
+        in_file("tls.cert"),
+    );
+    let key = pick(
+        flags.tls_key,
+        "--tls-key",
+        env,
+        "PASEO_TLS_KEY",
+        file.tls.key,
+        in_file("tls.key"),
+    );
+    let store: Option<Arc<CertStore>> = match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertStore::load(&cert.value, &key.value)?),
+        (Some(cert), None) => {
+            return Err(format!(
+                "{}: a TLS certificate needs a key (--tls-key, PASEO_TLS_KEY or tls.key)",
+                cert.from
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(format!(
+                "{}: a TLS key needs a certificate (--tls-cert, PASEO_TLS_CERT or tls.cert)",
+                key.from
+            ))
+        }
+        (None, None) if file.tls.enabled == Some(true) => {
+            return Err(format!(
+                "{}: TLS is enabled but no certificate and key are set",
+                in_file("tls.enabled")
+            ))
+        }
+        (None, None) => None,
+    };
+
+    let mut listeners = Vec::new();
+    let mut seen = HashSet::new();
+    for entry in &listen.value {
+        let (addr, force) = parse_listen(entry, &listen.from)?;
+        let tls = match (force, &store) {
+            (Some(false), _) | (None, None) => None,
+            (Some(true) | None, Some(store)) => Some(store.clone()),
+            (Some(true), None) => {
+                return Err(format!(
+                    "{} {entry}: TLS asked for, but no certificate and key are set",
+                    listen.from
+                ))
+            }
+        };
+        if !seen.insert(addr.clone()) {
+            return Err(format!("{} {entry}: address given twice", listen.from));
+        }
+        listeners.push(Listener { addr, tls });
+    }
+
+    // log level
+    let level = pick(
+        flags.log_level,
+        "--log-level",
+        env,
+        "PASEO_LOG_LEVEL",
+        file.log_level,
+        in_file("log_level"),
+    );
+    let log_level = match level {
+        None => "info".to_string(),
+        Some(l) if LOG_LEVELS.contains(&l.value.to_ascii_lowercase().as_str()) => {
+            l.value.to_ascii_lowercase()
+        }
+        Some(l) => {
+            return Err(format!(
+                "{}: unknown log level `{}` (expected error, warn, info, debug, trace or off)",
+                l.from, l.value
+            ))
+        }
+    };
+
+    // Pingora's settings: ours where the file is silent.
+    let mut server = file.server;
+    let set = |k: &str| file.server_keys.contains(k);
+    if !set("grace_period_seconds") {
+        server.grace_period_seconds = Some(DEFAULT_GRACE_SECONDS);
+    }
+    if !set("graceful_shutdown_timeout_seconds") {
+        server.graceful_shutdown_timeout_seconds = Some(DEFAULT_SHUTDOWN_TIMEOUT_SECONDS);
+    }
+    if !set("threads") {
+        server.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
+    if !set("pid_file") {
+        server.pid_file = DEFAULT_PID_FILE.to_string();
+    }
+    if !set("upgrade_sock") {
+        server.upgrade_sock = DEFAULT_UPGRADE_SOCK.to_string();
+    }
+
+    Ok(Settings {
+        listeners,
+        log_level,
+        server,
+        relay: file.relay,
+        config_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn file(text: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("paseo-relay-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = dir.join(format!(
+            "{}.yaml",
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    fn addrs(s: &Settings) -> Vec<String> {
+        s.listeners.iter().map(|l| l.addr.clone()).collect()
+    }
+
+    fn err(flags: Flags, env: &[(&str, &str)]) -> String {
+        match resolve(flags, &env_of(env)) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = resolve(Flags::default(), &env_of(&[])).unwrap();
+        assert_eq!(addrs(&s), ["0.0.0.0:8080"]);
+        assert!(s.listeners[0].tls.is_none());
+        assert_eq!(s.log_level, "info");
+        assert_eq!(s.server.grace_period_seconds, Some(10));
+        assert_eq!(s.server.graceful_shutdown_timeout_seconds, Some(5));
+        assert_eq!(s.server.pid_file, "/tmp/paseo-relay.pid");
+        assert_eq!(s.server.upgrade_sock, "/tmp/paseo-relay_upgrade.sock");
+        assert_eq!(
+            s.server.threads,
+            std::thread::available_parallelism().unwrap().get()
+        );
+    }
+
+    #[test]
+    fn each_layer_overrides_the_next() {
+        let path = file("listen: 127.0.0.1:1003\nlog_level: warn\nthreads: 3\n");
+        let flags = |listen: &[&str], level: Option<&str>| Flags {
+            listen: listen.iter().map(|s| s.to_string()).collect(),
+            log_level: level.map(str::to_string),
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let env = [
+            ("PASEO_LISTEN", "127.0.0.1:1002"),
+            ("PASEO_LOG_LEVEL", "debug"),
+        ];
+        let s = resolve(flags(&["127.0.0.1:1001"], Some("trace")), &env_of(&env)).unwrap();
+        assert_eq!(
+            (addrs(&s), s.log_level.as_str()),
+            (vec!["127.0.0.1:1001".to_string()], "trace")
+        );
+        let s = resolve(flags(&[], None), &env_of(&env)).unwrap();
+        assert_eq!(
+            (addrs(&s), s.log_level.as_str()),
+            (vec!["127.0.0.1:1002".to_string()], "debug")
+        );
+        let s = resolve(flags(&[], None), &env_of(&[])).unwrap();
+        assert_eq!(
+            (addrs(&s), s.log_level.as_str()),
+            (vec!["127.0.0.1:1003".to_string()], "warn")
+        );
+        assert_eq!(s.server.threads, 3);
+    }
+
+    #[test]
+    fn config_path_from_the_environment_and_go_relay_files() {
+        let path = file(
+            "listen: \":9000\"\nlog_level: \"info\"\ntls:\n  enabled: false\n  cert: \"\"\n  key: \"\"\n",
+        );
+        let s = resolve(Flags::default(), &env_of(&[("PASEO_CONFIG", &path)])).unwrap();
+        assert_eq!(addrs(&s), ["0.0.0.0:9000"]);
+        assert!(s.listeners[0].tls.is_none());
+        assert_eq!(s.config_path.as_deref(), Some(path.as_str()));
+    }
+
+    #[test]
+    fn listen_forms_and_lists() {
+        let env = [("PASEO_LISTEN", "127.0.0.1:1, tcp://[::1]:2 ,:3")];
+        let s = resolve(Flags::default(), &env_of(&env)).unwrap();
+        assert_eq!(addrs(&s), ["127.0.0.1:1", "[::1]:2", "0.0.0.0:3"]);
+        let path = file("listen:\n  - 127.0.0.1:4\n  - 127.0.0.1:5\n");
+        let s = resolve(
+            Flags {
+                config: Some(path),
+                ..Flags::default()
+            },
+            &env_of(&[]),
+        )
+        .unwrap();
+        assert_eq!(addrs(&s), ["127.0.0.1:4", "127.0.0.1:5"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let listen = |l: &[&str]| Flags {
+            listen: l.iter().map(|s| s.to_string()).collect(),
+            ..Flags::default()
+        };
+        assert_eq!(
+            err(listen(&["localhost"]), &[]),
+            "--listen localhost: not an IP:port address (invalid socket address syntax)"
+        );
+        assert_eq!(
+            err(listen(&["127.0.0.1:1", "127.0.0.1:1"]), &[]),
+            "--listen 127.0.0.1:1: address given twice"
+        );
+        assert_eq!(
+            err(listen(&["tls://127.0.0.1:1"]), &[]),
+            "--listen tls://127.0.0.1:1: TLS asked for, but no certificate and key are set"
+        );
+        assert_eq!(
+            err(Flags::default(), &[("PASEO_LOG_LEVEL", "loud")]),
+            "PASEO_LOG_LEVEL: unknown log level `loud` (expected error, warn, info, debug, trace or off)"
+        );
+        assert_eq!(
+            err(Flags::default(), &[("PASEO_TLS_CERT", "/c.pem")]),
+            "PASEO_TLS_CERT: a TLS certificate needs a key (--tls-key, PASEO_TLS_KEY or tls.key)"
+        );
+        let flags = Flags {
+            tls_key: Some("/k.pem".into()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            err(flags, &[]),
+            "--tls-key: a TLS key needs a certificate (--tls-cert, PASEO_TLS_CERT or tls.cert)"
+        );
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_key() {
+        let cases = [
+            ("bogus: 1\n", "unknown key `bogus`"),
+            (
+                "threads: many\n",
+                "threads: invalid type: string \"many\", expected usize",
+            ),
+            (
+                "listen: 8080\n",
+                "listen: expected an address or a list of addresses",
+            ),
+            (
+                "tls:\n  enabled: true\n",
+                "tls.enabled: TLS is enabled but no certificate and key are set",
+            ),
+            (
+                "tls:\n  certificate: x\n",
+                "tls: unknown field `certificate`, expected one of `enabled`, `cert`, `key`",
+            ),
+            (
+                "relay:\n  ping_interval_ms: 0\n",
+                "relay.ping_interval_ms: must be greater than 0",
+            ),
+            ("- a\n", "expected `key: value` lines at the top level"),
+        ];
+        for (text, want) in cases {
+            let path = file(text);
+            let flags = Flags {
+                config: Some(path.clone()),
+                ..Flags::default()
+            };
+            assert_eq!(err(flags, &[]), format!("{path}: {want}"), "{text}");
+        }
+        let flags = Flags {
+            config: Some("/nonexistent/paseo.yaml".into()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            err(flags, &[]),
+            "/nonexistent/paseo.yaml: cannot read: No such file or directory (os error 2)"
+        );
+    }
+}
