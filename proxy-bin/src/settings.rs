@@ -562,6 +562,11 @@ mod tests {
                 "relay.ping_interval_ms: must be greater than 0",
             ),
             ("- a\n", "expected `key: value` lines at the top level"),
+            (
+                "daemon_wait_for_ready: true\n",
+                "daemon_wait_for_ready: not supported by paseo-relay (it takes over listeners \
+                 before it forks)",
+            ),
         ];
         for (text, want) in cases {
             let path = file(text);
