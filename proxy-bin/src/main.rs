@@ -102,6 +102,7 @@ fn main() {
         log_level,
         mut server,
         relay,
+        router,
         config_path,
     } = settings::resolve(flags, &|var| std::env::var(var).ok()).unwrap_or_else(|e| fail(e));
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&log_level)).init();
@@ -128,7 +129,7 @@ fn main() {
     server.bootstrap();
     let hub = SessionHub::new(relay);
     let life = Lifecycle::new(true);
-    add_relay(&mut server, &hub, &listeners, &life);
+    add_relay(&mut server, &hub, router, &listeners, &life);
     let shown: Vec<String> = listeners
         .iter()
         .map(|l| match l.tls {

@@ -18,7 +18,7 @@
 //! key) and what is wrong; the binary prints it and exits 1 before serving.
 
 use pingora::server::configuration::ServerConf;
-use relay_module::{CertStore, Listener, RelayConf};
+use relay_module::{CertStore, Listener, RelayConf, RouteConf, Router};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use std::collections::HashSet;
@@ -62,6 +62,8 @@ pub struct Settings {
     pub server: ServerConf,
     /// The relay's tuning (`relay:`), validated.
     pub relay: RelayConf,
+    /// `routes:` and `trusted_proxies:`, built (peers resolved).
+    pub router: Router,
     /// The configuration file read, if any.
     pub config_path: Option<String>,
 }
@@ -92,6 +94,8 @@ struct FileConf {
     log_level: Option<String>,
     tls: TlsFile,
     relay: RelayConf,
+    routes: Vec<RouteConf>,
+    trusted_proxies: Vec<String>,
     server: ServerConf,
     /// Pingora keys the file sets (our defaults apply to the others).
     server_keys: HashSet<String>,
@@ -170,6 +174,11 @@ fn read_file(path: &str) -> Result<FileConf, String> {
             }
             "tls" => file.tls = section(value).map_err(|e| format!("{path}: tls: {e}"))?,
             "relay" => file.relay = section(value).map_err(|e| format!("{path}: relay: {e}"))?,
+            "routes" => file.routes = section(value).map_err(|e| format!("{path}: routes: {e}"))?,
+            "trusted_proxies" => {
+                file.trusted_proxies =
+                    section(value).map_err(|e| format!("{path}: trusted_proxies: {e}"))?
+            }
             // Pingora sends its readiness signal from `bootstrap`, which the binary runs
             // before daemonising (to take over listeners first): the parent would wait in vain.
             "daemon_wait_for_ready" if value.as_bool() == Some(true) => {
@@ -381,11 +390,18 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
         server.upgrade_sock = DEFAULT_UPGRADE_SOCK.to_string();
     }
 
+    let router =
+        Router::build(&file.routes, &file.trusted_proxies).map_err(|e| match &config_path {
+            Some(path) => format!("{path}: {e}"),
+            None => e,
+        })?;
+
     Ok(Settings {
         listeners,
         log_level,
         server,
         relay: file.relay,
+        router,
         config_path,
     })
 }

@@ -54,6 +54,10 @@ pub struct RelayConf {
     /// After the relay sends a close frame, how long it waits for the peer's close before
     /// dropping the TCP connection. Default 5 000 ms.
     pub close_grace_ms: u64,
+    /// Path the relay is mounted on: with `/paseo` it answers `/paseo/ws` and
+    /// `/paseo/health`, and `/ws` is no longer the relay's. Default empty (`/ws`, `/health`).
+    /// Must start with `/`; a trailing `/` is ignored.
+    pub path_prefix: String,
 }
 
 impl Default for RelayConf {
@@ -73,6 +77,7 @@ impl Default for RelayConf {
             ping_interval_ms: 30_000,
             ping_timeout_ms: 90_000,
             close_grace_ms: 5_000,
+            path_prefix: String::new(),
         }
     }
 }
@@ -128,10 +133,21 @@ impl RelayConf {
                 ));
             }
         }
+        if !self.path_prefix.is_empty() && !self.path_prefix.starts_with('/') {
+            return Err(format!(
+                "relay.path_prefix: `{}` must start with /",
+                self.path_prefix
+            ));
+        }
         if self.outbound_queue_bytes > u32::MAX as usize {
             return Err("relay.outbound_queue_bytes: must be at most 4 GiB".to_string());
         }
         Ok(())
+    }
+
+    /// The mount point without its trailing `/` (`""` for the root).
+    pub fn mount(&self) -> &str {
+        self.path_prefix.trim_end_matches('/')
     }
 
     /// [`Self::slow_consumer_timeout_ms`] as a `Duration`.

@@ -6,7 +6,7 @@
 //!                     ┌──────────── Pingora HTTP/1 listener ─────────────┐
 //!  daemon control ──▶ │ RelayProxy::request_filter                       │
 //!  daemon data(x) ──▶ │   /health → 200, /ws → params → handshake → 101  │
-//!  app client(x)  ──▶ │   other → 404                                    │
+//!  app client(x)  ──▶ │   other → a route (Pingora proxies it) or 404    │
 //!                     └──────┬───────────────────────────────────────────┘
 //!                            │ raw stream taken out of Pingora after the 101
 //!                            ▼
@@ -17,6 +17,7 @@
 //!                        late-daemon buffer per x; nudge/reset timers (timers.rs)
 //! ```
 //!
+//! Routing: `routes` (route table, load balancing, `X-Forwarded-*`, trusted proxies).
 //! Operations: `tls` (certificate store, SIGHUP reload, plain HTTP on a TLS port) and
 //! `lifecycle` (SIGTERM / SIGQUIT drain) run as Pingora background services next to the
 //! timers; [`add_relay`] wires all of them into a `Server`.
@@ -36,6 +37,7 @@ pub mod lifecycle;
 pub mod outbox;
 pub mod params;
 pub mod protocol;
+pub mod routes;
 pub mod service;
 pub mod session;
 pub mod timers;
@@ -44,5 +46,6 @@ pub mod tls;
 pub use config::RelayConf;
 pub use hub::SessionHub;
 pub use lifecycle::{Lifecycle, RelaySignals};
+pub use routes::{RouteConf, Router};
 pub use service::{add_relay, relay_service, Listener, RelayProxy};
 pub use tls::CertStore;

@@ -1,6 +1,7 @@
 //! `RelayProxy`: the Pingora `ProxyHttp` module that answers the relay's HTTP surface
-//! (relay-protocol.md §0 "HTTP surface", §1) and hands accepted `/ws` sockets to
-//! [`crate::conn::run`].
+//! (relay-protocol.md §0 "HTTP surface", §1) on `<relay.path_prefix>/ws` and `/health`,
+//! hands accepted sockets to [`crate::conn::run`], and lets Pingora proxy every other path
+//! that a route matches ([`crate::routes`]); the rest is 404.
 //!
 //! Flow of a `/ws` request in `request_filter`: query parameters ([`crate::params`]) →
 //! RFC 6455 handshake ([`crate::handshake`]) → attach to the session (on-connect frames are
@@ -19,6 +20,7 @@ use crate::lifecycle::{DrainService, Lifecycle};
 use crate::outbox::Outbox;
 use crate::params;
 use crate::protocol::{assign_connection_id, SocketKind};
+use crate::routes::{Route, Router};
 use crate::timers::TimerService;
 use crate::tls::{CertStore, PlainHttpGuard, ReloadService};
 use async_trait::async_trait;
@@ -28,12 +30,13 @@ use log::{debug, info, warn};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::{http_proxy_service_with_name, HttpProxy, ProxyHttp, Session};
+use pingora::proxy::{http_proxy_service_with_name, FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use pingora::{Error, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Body of `GET /health` (spec §1.1): 15 bytes, `application/json`.
@@ -58,14 +61,46 @@ fn head_bytes(req: &pingora::http::RequestHeader) -> usize {
 /// The relay as a Pingora `ProxyHttp` application. Cheap to clone the hub into it.
 pub struct RelayProxy {
     hub: Arc<SessionHub>,
+    router: Arc<Router>,
+    /// `<path_prefix>/ws`.
+    ws_path: String,
+    /// `<path_prefix>/health`.
+    health_path: String,
 }
 
 impl RelayProxy {
-    /// A relay serving the sessions of `hub`.
-    pub fn new(hub: Arc<SessionHub>) -> Self {
-        RelayProxy { hub }
+    /// A relay serving the sessions of `hub`, mounted on `relay.path_prefix`, with `router`
+    /// for every other path.
+    pub fn new(hub: Arc<SessionHub>, router: Arc<Router>) -> Self {
+        let mount = hub.conf().mount().to_string();
+        RelayProxy {
+            hub,
+            router,
+            ws_path: format!("{mount}/ws"),
+            health_path: format!("{mount}/health"),
+        }
+    }
+
+    /// The client's address as logs should show it (see [`Router::client_addr`]).
+    fn client_addr(&self, session: &Session) -> Option<IpAddr> {
+        let peer = session.client_addr()?.as_inet()?.ip();
+        let xff = session
+            .req_header()
+            .headers
+            .get("X-Forwarded-For")
+            .and_then(|v| v.to_str().ok());
+        Some(self.router.client_addr(peer, xff))
     }
 }
+
+/// Per-request state: the in-flight count and, for a proxied request, its route.
+pub struct RequestCtx {
+    _in_flight: InFlight,
+    route: Option<Arc<Route>>,
+}
+
+/// Body of the 502 for an unreachable upstream (or a route without a healthy peer).
+pub const BAD_GATEWAY_BODY: &str = "Bad gateway";
 
 /// One listening address of the relay.
 #[derive(Debug, Clone)]
@@ -91,10 +126,11 @@ impl Listener {
 pub fn relay_service(
     server_conf: &Arc<ServerConf>,
     hub: Arc<SessionHub>,
+    router: Arc<Router>,
     listeners: &[Listener],
 ) -> Service<HttpProxy<RelayProxy>> {
     let mut service =
-        http_proxy_service_with_name(server_conf, RelayProxy::new(hub), "paseo-relay");
+        http_proxy_service_with_name(server_conf, RelayProxy::new(hub, router), "paseo-relay");
     if listeners.iter().any(|l| l.tls.is_some()) {
         service
             .endpoints()
@@ -111,18 +147,28 @@ pub fn relay_service(
     service
 }
 
-/// Adds the relay to `server`: the HTTP service on `listeners` and the background services
-/// that run the nudge timers, the drain on graceful shutdown (see [`crate::lifecycle`]) and
-/// the SIGHUP reload of the TLS certificate. Call before `run_forever`; nothing starts
-/// before it (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the
-/// drain knows an upgrade from a terminate.
+/// Adds the relay to `server`: the HTTP service on `listeners` (relay paths, and `router`
+/// for every other path) and the background services that run the nudge timers, the drain
+/// on graceful shutdown (see [`crate::lifecycle`]), the SIGHUP reload of the TLS
+/// certificate and the routes' health checks. Call before `run`; nothing starts before it
+/// (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the drain
+/// knows an upgrade from a terminate.
 pub fn add_relay(
     server: &mut Server,
     hub: &Arc<SessionHub>,
+    router: Router,
     listeners: &[Listener],
     life: &Arc<Lifecycle>,
 ) {
-    let http = relay_service(&server.configuration, hub.clone(), listeners);
+    for health_check in router.health_services() {
+        server.add_service(health_check);
+    }
+    let http = relay_service(
+        &server.configuration,
+        hub.clone(),
+        Arc::new(router),
+        listeners,
+    );
     server.add_service(http);
     server.add_service(background_service(
         "relay timers",
@@ -193,6 +239,7 @@ impl RelayProxy {
             }
         };
 
+        let client = self.client_addr(session);
         let kind = params.socket_kind(assign_connection_id);
         let (outbox, rx) = Outbox::new(conf.outbound_queue_bytes);
         let key = (params.version, params.server_id);
@@ -226,7 +273,10 @@ impl RelayProxy {
         };
         let stream = h1.into_inner();
 
-        info!("{}: attached", att.describe());
+        match client {
+            Some(ip) => info!("{}: attached from {ip}", att.describe()),
+            None => info!("{}: attached", att.describe()),
+        }
         if nudge {
             if let SocketKind::Client(x) = &att.kind {
                 self.hub.timers().schedule(
@@ -244,26 +294,38 @@ impl RelayProxy {
 
 #[async_trait]
 impl ProxyHttp for RelayProxy {
-    /// Counts the request as in flight, so that a draining relay waits for it.
-    type CTX = InFlight;
+    type CTX = RequestCtx;
 
+    /// Counts the request as in flight, so that a draining relay waits for it.
     fn new_ctx(&self) -> Self::CTX {
-        self.hub.request_started()
+        RequestCtx {
+            _in_flight: self.hub.request_started(),
+            route: None,
+        }
     }
 
-    /// Every request is answered here: the relay has no upstream (routes come later).
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool> {
+    /// The relay's own paths are answered here; a routed path returns `false` so that
+    /// Pingora proxies it; anything else is 404.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let head = head_bytes(session.req_header());
+        let path = session.req_header().uri.path();
         let result = if head > self.hub.conf().max_request_head_bytes {
             debug!("request head of {head} bytes refused");
             session.set_keepalive(None);
             respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, None).await
-        } else {
-            match session.req_header().uri.path() {
-                "/health" => respond(session, 200, "application/json", HEALTH_BODY, None).await,
-                "/ws" => self.upgrade(session).await,
-                _ => respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await,
+        } else if path == self.health_path {
+            respond(session, 200, "application/json", HEALTH_BODY, None).await
+        } else if path == self.ws_path {
+            self.upgrade(session).await
+        } else if let Some(route) = self.router.route(path) {
+            ctx.route = Some(route.clone());
+            if session.is_upgrade_req() {
+                // A proxied WebSocket may be silent for long: no read timeout downstream.
+                session.downstream_session.set_read_timeout(None);
             }
+            return Ok(false);
+        } else {
+            respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await
         };
         // A peer that hangs up before its answer is written is not the relay's error.
         if let Err(e) = result {
@@ -272,12 +334,77 @@ impl ProxyHttp for RelayProxy {
         Ok(true)
     }
 
-    /// Unreachable: `request_filter` answers every request.
+    /// The next healthy peer of the request's route.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        Error::e_explain(ErrorType::HTTPStatus(404), "no upstream configured")
+        let Some(route) = &ctx.route else {
+            return Error::e_explain(ErrorType::HTTPStatus(404), "no route");
+        };
+        route.peer().ok_or_else(|| {
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("route {}: no healthy upstream peer", route.prefix),
+            )
+            .into_up()
+        })
+    }
+
+    /// Adds `X-Forwarded-*`, then applies the route's `strip_prefix` and `host_header`.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        self.router.forwarded_headers(upstream_request, peer, tls)?;
+        if let Some(route) = &ctx.route {
+            route.rewrite(upstream_request)?;
+        }
+        Ok(())
+    }
+
+    /// Pingora's error answer, except that an unreachable upstream gets 502 with a body.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> FailToProxy
+    where
+        Self::CTX: Send + Sync,
+    {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code == 502 && session.response_written().is_none() {
+            session.set_keepalive(None);
+            if let Err(e) = respond(session, 502, TEXT_PLAIN, BAD_GATEWAY_BODY, None).await {
+                debug!("writing a 502 failed: {e}");
+            }
+        } else if code > 0 {
+            if let Err(e) = session.respond_error(code).await {
+                debug!("writing an error response failed: {e}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 }

@@ -5,7 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use relay_module::{add_relay, Lifecycle, Listener, RelayConf, SessionHub};
+use relay_module::{add_relay, Lifecycle, Listener, RelayConf, Router, SessionHub};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +66,12 @@ impl TestRelay {
 
     /// Starts a relay with `conf` and waits until it accepts connections.
     pub async fn start_with(conf: RelayConf) -> TestRelay {
+        Self::start_routed(conf, Router::default()).await
+    }
+
+    /// Starts a relay with `conf` and `router` (routes to upstreams, trusted proxies) and
+    /// waits until it accepts connections.
+    pub async fn start_routed(conf: RelayConf, router: Router) -> TestRelay {
         init_log();
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -92,7 +98,13 @@ impl TestRelay {
         let mut server = Server::new_with_opt_and_conf(None, server_conf);
         server.bootstrap();
         let listeners = [Listener::plain(addr.to_string())];
-        add_relay(&mut server, &hub, &listeners, &Lifecycle::new(false));
+        add_relay(
+            &mut server,
+            &hub,
+            router,
+            &listeners,
+            &Lifecycle::new(false),
+        );
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {
                 shutdown_signal: Box::new(WatchShutdown(stop_rx)),
