@@ -28,6 +28,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use log::{debug, info, warn};
 use pingora::http::ResponseHeader;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{http_proxy_service_with_name, FailToProxy, HttpProxy, ProxyHttp, Session};
@@ -137,12 +138,14 @@ pub fn relay_service(
             .set_pre_tls_callback(Arc::new(PlainHttpGuard));
     }
     for listener in listeners {
-        match &listener.tls {
-            None => service.add_tcp(&listener.addr),
-            Some(store) => {
-                service.add_tls_with_settings(&listener.addr, None, store.tls_settings())
-            }
+        // No L4 read buffer: Pingora's default (64 KiB, allocated per connection) would be
+        // most of an idle socket's memory; HTTP heads and tungstenite read into their own.
+        let mut endpoint = ListenerConfig::tcp(listener.addr.clone())
+            .l4_buffer(L4BufferSettings::default().read(0));
+        if let Some(store) = &listener.tls {
+            endpoint = endpoint.tls(store.tls_settings());
         }
+        service.add_listener(endpoint);
     }
     service
 }
