@@ -82,6 +82,28 @@ fn ignore_sighup_until_handled() {
     }
 }
 
+/// Raises the soft open-file limit to the hard limit (every WebSocket is a file descriptor)
+/// and returns `(old, new)` soft limits.
+fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((old as u64, limit.rlim_cur as u64))
+}
+
 fn fail(e: String) -> ! {
     eprintln!("paseo-relay: {e}");
     std::process::exit(1);
@@ -118,6 +140,13 @@ fn main() {
         check_listen(&listeners, from).unwrap_or_else(|e| fail(e));
     }
     ignore_sighup_until_handled();
+    match raise_open_file_limit() {
+        Ok((old, new)) if old != new => {
+            log::info!("open-file limit raised from {old} to {new} (the hard limit)")
+        }
+        Ok((_, new)) => log::info!("open-file limit: {new}"),
+        Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
+    }
 
     // The file was read above; Pingora must not read it again.
     let opt = Opt {

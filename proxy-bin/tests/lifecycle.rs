@@ -344,3 +344,64 @@ async fn daemon_mode_still_runs_the_nudge_timers() {
     // The daemon logs to `error_log`; its drain ran.
     assert!(log.contains("WebSockets 1001 Relay shutting down"), "{log}");
 }
+
+#[tokio::test]
+async fn raises_its_soft_open_file_limit_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed by reference.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    let soft: libc::rlim_t = 256.min(hard.rlim_max);
+    let dir = temp_dir("nofile");
+    let conf = write_conf(&dir, "");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = common::command();
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lowered = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let relay = Relay::spawn_with(
+        cmd,
+        &dir,
+        "relay.log",
+        &["-c", conf.to_str().unwrap(), "--listen", &addr],
+    );
+    wait_listening(local(port));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let max = hard.rlim_max.to_string();
+    assert_eq!(line, format!("Max open files {max} {max} files"));
+    let log = relay.log();
+    if soft < hard.rlim_max {
+        assert!(
+            log.contains(&format!(
+                "open-file limit raised from {soft} to {max} (the hard limit)"
+            )),
+            "{log}"
+        );
+    } else {
+        assert!(log.contains(&format!("open-file limit: {max}")), "{log}");
+    }
+}
