@@ -5,10 +5,16 @@
 //! writer task drains [`OutboxReceiver`] (priority lane first), writes a batch and flushes
 //! once, then returns the batch's bytes with [`Outbox::release`]. A producer that finds the
 //! data lane full waits for room, at most the slow-consumer deadline.
+//!
+//! Each lane is a `VecDeque` behind its own short lock plus a `Notify` for the one reader:
+//! an idle socket's lanes allocate nothing (tokio's channels preallocate blocks of 32 slots,
+//! about 5 KB per socket for two lanes).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -41,11 +47,64 @@ pub enum SendError {
     TimedOut,
 }
 
+/// Lane capacity kept when a lane empties; a larger one (after a burst) is given back.
+const LANE_KEEP_SLOTS: usize = 16;
+
+/// One lane: items with the bytes they hold, and the wake-up of its single reader.
+#[derive(Debug, Default)]
+struct Lane {
+    queue: Mutex<VecDeque<(Command, u32)>>,
+    ready: Notify,
+}
+
+impl Lane {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Command, u32)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, item: (Command, u32)) {
+        self.queue().push_back(item);
+        // Stores a wake-up if the reader is not waiting yet (single reader).
+        self.ready.notify_one();
+    }
+}
+
+/// The lane was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Empty;
+
+/// The reading end of one lane (owned by the socket's writer task).
+#[derive(Debug)]
+pub struct LaneReceiver(Arc<Lane>);
+
+impl LaneReceiver {
+    /// Takes the oldest item without waiting.
+    pub fn try_recv(&mut self) -> Result<(Command, u32), Empty> {
+        let mut queue = self.0.queue();
+        let item = queue.pop_front().ok_or(Empty)?;
+        if queue.is_empty() && queue.capacity() > LANE_KEEP_SLOTS {
+            queue.shrink_to(LANE_KEEP_SLOTS);
+        }
+        Ok(item)
+    }
+
+    /// Waits for the oldest item. Cancel-safe: an item is taken only when returned. Never
+    /// `None` (the writer holds the producer side); kept as an `Option` like a channel.
+    pub async fn recv(&mut self) -> Option<(Command, u32)> {
+        loop {
+            if let Ok(item) = self.try_recv() {
+                return Some(item);
+            }
+            self.0.ready.notified().await;
+        }
+    }
+}
+
 /// Producer handle of one socket's outbound queue; shared as `Arc<Outbox>`.
 #[derive(Debug)]
 pub struct Outbox {
-    priority: mpsc::UnboundedSender<(Command, u32)>,
-    data: mpsc::UnboundedSender<(Command, u32)>,
+    priority: Arc<Lane>,
+    data: Arc<Lane>,
     room: Semaphore,
     capacity: usize,
     priority_backlog: AtomicUsize,
@@ -59,9 +118,9 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct OutboxReceiver {
     /// Control JSON and error closes.
-    pub priority: mpsc::UnboundedReceiver<(Command, u32)>,
+    pub priority: LaneReceiver,
     /// Data messages, and closes that must follow them.
-    pub data: mpsc::UnboundedReceiver<(Command, u32)>,
+    pub data: LaneReceiver,
 }
 
 fn close_frame(code: u16, reason: &'static str) -> Command {
@@ -74,12 +133,11 @@ fn close_frame(code: u16, reason: &'static str) -> Command {
 impl Outbox {
     /// A new queue holding at most `capacity_bytes` of data (at most `u32::MAX`).
     pub fn new(capacity_bytes: usize) -> (Outbox, OutboxReceiver) {
-        let (ptx, prx) = mpsc::unbounded_channel();
-        let (dtx, drx) = mpsc::unbounded_channel();
+        let (priority, data) = (Arc::new(Lane::default()), Arc::new(Lane::default()));
         let capacity = capacity_bytes.clamp(1, u32::MAX as usize);
         let outbox = Outbox {
-            priority: ptx,
-            data: dtx,
+            priority: priority.clone(),
+            data: data.clone(),
             room: Semaphore::new(capacity),
             capacity,
             priority_backlog: AtomicUsize::new(0),
@@ -89,8 +147,8 @@ impl Outbox {
         (
             outbox,
             OutboxReceiver {
-                priority: prx,
-                data: drx,
+                priority: LaneReceiver(priority),
+                data: LaneReceiver(data),
             },
         )
     }
@@ -113,9 +171,8 @@ impl Outbox {
             );
             return false;
         }
-        self.priority
-            .send((Command::Send(msg), cost as u32))
-            .is_ok()
+        self.priority.push((Command::Send(msg), cost as u32));
+        true
     }
 
     /// Called by the writer for each priority-lane item it takes, with the bytes it held.
@@ -129,7 +186,7 @@ impl Outbox {
     pub fn push_data_now(&self, msg: Message) {
         let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity);
         let taken = self.room.forget_permits(cost) as u32;
-        let _ = self.data.send((Command::Send(msg), taken));
+        self.data.push((Command::Send(msg), taken));
     }
 
     /// Queues a data message, waiting up to `deadline` for room. A message larger than the
@@ -148,10 +205,7 @@ impl Outbox {
             }
         };
         permit.forget();
-        if self.data.send((Command::Send(msg), cost)).is_err() {
-            self.room.add_permits(cost as usize);
-            return Err(SendError::Closed);
-        }
+        self.data.push((Command::Send(msg), cost));
         Ok(())
     }
 
@@ -177,7 +231,7 @@ impl Outbox {
     /// timeout). Only the first close of a socket counts.
     pub fn close(&self, code: u16, reason: &'static str) {
         if self.begin_close() {
-            let _ = self.priority.send((close_frame(code, reason), 0));
+            self.priority.push((close_frame(code, reason), 0));
         }
     }
 
@@ -185,7 +239,7 @@ impl Outbox {
     /// cascades 1001 / 1012, so a peer's last frames are not lost; spec §3.9).
     pub fn close_in_order(&self, code: u16, reason: &'static str) {
         if self.begin_close() {
-            let _ = self.data.send((close_frame(code, reason), 0));
+            self.data.push((close_frame(code, reason), 0));
         }
     }
 
@@ -196,7 +250,7 @@ impl Outbox {
 
     /// Asks the writer to flush and stop, handing the write half back (the socket is ending).
     pub fn finish(&self) {
-        let _ = self.priority.send((Command::Finish, 0));
+        self.priority.push((Command::Finish, 0));
     }
 
     /// Whether a close was requested.

@@ -138,10 +138,10 @@ pub fn relay_service(
             .set_pre_tls_callback(Arc::new(PlainHttpGuard));
     }
     for listener in listeners {
-        // No L4 read buffer: Pingora's default (64 KiB, allocated per connection) would be
-        // most of an idle socket's memory; HTTP heads and tungstenite read into their own.
+        // No L4 buffers: Pingora's defaults (64 KiB read, 1460 B write, allocated per connection)
+        // would be most of an idle socket's memory; HTTP and tungstenite buffer on their own.
         let mut endpoint = ListenerConfig::tcp(listener.addr.clone())
-            .l4_buffer(L4BufferSettings::default().read(0));
+            .l4_buffer(L4BufferSettings::unbuffered());
         if let Some(store) = &listener.tls {
             endpoint = endpoint.tls(store.tls_settings());
         }
