@@ -2,6 +2,8 @@
 //! server with the relay services (the same `add_relay` wiring the binary uses) on an
 //! ephemeral port, and small WebSocket and raw-HTTP client helpers speak to it.
 
+pub mod upstream;
+
 use futures_util::{SinkExt, StreamExt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
