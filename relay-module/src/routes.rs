@@ -77,6 +77,7 @@ fn default_health_check_ms() -> u64 {
 pub struct Route {
     /// Normalised prefix (`/` or `/a/b`, no trailing `/`).
     pub prefix: String,
+    peer_count: usize,
     lb: Arc<LoadBalancer<RoundRobin>>,
     tls: bool,
     sni: String,
@@ -126,6 +127,11 @@ impl Route {
         peer.options.read_timeout = None;
         peer.options.idle_timeout = None;
         Some(Box::new(peer))
+    }
+
+    /// Number of peers configured.
+    pub fn peer_count(&self) -> usize {
+        self.peer_count
     }
 
     /// Rewrites the request for the upstream: strips the prefix if asked and sets `Host`.
@@ -219,6 +225,7 @@ impl Router {
             });
             router.routes.push(Arc::new(Route {
                 prefix,
+                peer_count: peers.len(),
                 lb,
                 tls: conf.tls,
                 sni,

@@ -98,6 +98,8 @@ impl RelayProxy {
 pub struct RequestCtx {
     _in_flight: InFlight,
     route: Option<Arc<Route>>,
+    /// Failed connects so far (each to another peer of the route).
+    failed_connects: usize,
 }
 
 /// Body of the 502 for an unreachable upstream (or a route without a healthy peer).
@@ -140,8 +142,8 @@ pub fn relay_service(
     for listener in listeners {
         // No L4 buffers: Pingora's defaults (64 KiB read, 1460 B write, allocated per connection)
         // would be most of an idle socket's memory; HTTP and tungstenite buffer on their own.
-        let mut endpoint = ListenerConfig::tcp(listener.addr.clone())
-            .l4_buffer(L4BufferSettings::unbuffered());
+        let mut endpoint =
+            ListenerConfig::tcp(listener.addr.clone()).l4_buffer(L4BufferSettings::unbuffered());
         if let Some(store) = &listener.tls {
             endpoint = endpoint.tls(store.tls_settings());
         }
@@ -304,6 +306,7 @@ impl ProxyHttp for RelayProxy {
         RequestCtx {
             _in_flight: self.hub.request_started(),
             route: None,
+            failed_connects: 0,
         }
     }
 
@@ -353,6 +356,27 @@ impl ProxyHttp for RelayProxy {
             )
             .into_up()
         })
+    }
+
+    /// A peer that refuses or times out is tried no more for this request: the next peer
+    /// of the route is, once each, before the request gets 502 (a dead peer's health check
+    /// may not have noticed yet).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.failed_connects += 1;
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| ctx.failed_connects < r.peer_count())
+        {
+            e.set_retry(true);
+        }
+        e
     }
 
     /// Adds `X-Forwarded-*`, then applies the route's `strip_prefix` and `host_header`.

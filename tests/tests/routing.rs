@@ -628,45 +628,10 @@ async fn round_robin_skips_a_peer_that_fails_its_health_check() {
 
     // P2 goes away: connects to it are refused from now on.
     p2.stop().await;
-    let stopped = Instant::now();
-    // Until the health check notices, a request that selects P2 is a 502. Three P1
-    // answers in a row mean it has: while P2 counts as healthy, round robin hands it every
-    // second request, and at most one of them can be retried onto P1 (Pingora retries a
-    // request that failed on a reused pooled connection, which P2 may have left behind).
-    let mut in_a_row = 0;
-    let mut polls: Vec<u16> = Vec::new();
-    while in_a_row < 3 {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(5),
-            "P2 still selected 5 s after it stopped ({} polls, the last: {:?})",
-            polls.len(),
-            &polls[polls.len().saturating_sub(6)..]
-        );
-        let path = format!("/rr/poll{}", polls.len());
-        let r = get(relay.addr, &path).await;
-        if r.pair() == ok(&format!("P1 GET {path}")) {
-            in_a_row += 1;
-        } else {
-            assert_eq!(
-                r.pair(),
-                ("HTTP/1.1 502 Bad Gateway", "Bad gateway"),
-                "GET {path}"
-            );
-            in_a_row = 0;
-        }
-        polls.push(if r.status_line.contains(" 502 ") {
-            502
-        } else {
-            200
-        });
-    }
-    let failed = polls.iter().filter(|s| **s == 502).count();
-    eprintln!(
-        "health check noticed within {:?}: {} polls, {failed} of them 502",
-        stopped.elapsed(),
-        polls.len()
-    );
-    for i in 0..10 {
+    // A request that selects P2 before its health check (every 200 ms) notices gets a refused
+    // connect and is retried once on the next peer, P1; after, P2 is not selected at all.
+    // Either way no request fails.
+    for i in 0..20 {
         let path = format!("/rr/after{i}");
         let r = get(relay.addr, &path).await;
         assert_eq!(r.pair(), ok(&format!("P1 GET {path}")), "GET {path}");
