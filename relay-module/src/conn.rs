@@ -45,8 +45,13 @@ const UNSHARE_BELOW_BYTES: usize = 16 << 10;
 /// RFC 6455 pings a peer may send while the relay cannot write to it (each needs a pong it
 /// is not reading); past this the connection is dropped.
 const MAX_PINGS_WHILE_BLOCKED: u32 = 64;
-/// tungstenite read buffer per socket, in bytes (eagerly allocated, so kept small).
-const READ_BUFFER_BYTES: usize = 8 << 10;
+/// tungstenite read buffer per socket, in bytes. tungstenite allocates it up front and
+/// never reads more than this per call, so it is small (an idle socket holds it), and
+/// [`READAHEAD_BYTES`] keeps large messages from costing one syscall per 2 KiB.
+const READ_BUFFER_BYTES: usize = 2 << 10;
+/// While the peer streams (a read fills tungstenite's whole buffer), the socket is read in
+/// chunks this large into a buffer that is freed once the socket is drained.
+const READAHEAD_BYTES: usize = 64 << 10;
 /// tungstenite write buffer target, in bytes; a flush always writes everything.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
@@ -111,6 +116,19 @@ struct Activity<S> {
     io: Arc<IoClock>,
     /// The last write found the send buffer full.
     write_blocked: bool,
+    /// Read-ahead while a large message streams in; `None` on an idle socket.
+    ahead: Option<ReadAhead>,
+    /// The last direct read filled the caller's whole buffer: read ahead next time.
+    streaming: bool,
+}
+
+/// Bytes read from the socket and not yet handed to tungstenite: `buf[pos..len]`.
+struct ReadAhead {
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    /// The last fill was small (the peer stopped streaming): free the buffer once consumed.
+    drained: bool,
 }
 
 /// Milliseconds from `base` to the last read that returned bytes, the last write that
@@ -160,6 +178,8 @@ impl<S> Activity<S> {
                 inner,
                 io: io.clone(),
                 write_blocked: false,
+                ahead: None,
+                streaming: false,
             },
             io,
         )
@@ -172,12 +192,54 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.io.stamp(&self.io.last_read_ms);
+        let this = &mut *self;
+        if this.ahead.is_none() && this.streaming {
+            this.ahead = Some(ReadAhead {
+                buf: vec![0u8; READAHEAD_BYTES].into_boxed_slice(),
+                pos: 0,
+                len: 0,
+                drained: false,
+            });
         }
-        res
+        let Some(ahead) = &mut this.ahead else {
+            // Idle or small frames: straight into tungstenite's buffer.
+            let wanted = buf.remaining();
+            let before = buf.filled().len();
+            let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+            let got = buf.filled().len() - before;
+            if matches!(res, Poll::Ready(Ok(()))) && got > 0 {
+                this.io.stamp(&this.io.last_read_ms);
+                this.streaming = got == wanted;
+            }
+            return res;
+        };
+        if ahead.pos == ahead.len {
+            let mut fill = ReadBuf::new(&mut ahead.buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut fill) {
+                Poll::Ready(Ok(())) => {
+                    let got = fill.filled().len();
+                    if got == 0 {
+                        this.ahead = None;
+                        this.streaming = false;
+                        return Poll::Ready(Ok(())); // end of stream
+                    }
+                    this.io.stamp(&this.io.last_read_ms);
+                    // Only a small read means the stream has ended: a large message usually
+                    // arrives in reads well below the buffer size, and freeing and zeroing
+                    // the buffer on each of them would cost more than it saves.
+                    (ahead.pos, ahead.len, ahead.drained) = (0, got, got < READ_BUFFER_BYTES);
+                }
+                other => return other,
+            }
+        }
+        let n = (ahead.len - ahead.pos).min(buf.remaining());
+        buf.put_slice(&ahead.buf[ahead.pos..ahead.pos + n]);
+        ahead.pos += n;
+        if ahead.pos == ahead.len && ahead.drained {
+            this.ahead = None;
+            this.streaming = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -592,5 +654,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(unshare(Message::text("héllo")), Message::text("héllo"));
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads exactly `n` bytes in tungstenite-sized requests.
+    async fn read_n<S: AsyncRead + Unpin>(a: &mut Activity<S>, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let mut chunk = [0u8; READ_BUFFER_BYTES];
+        while out.len() < n {
+            let want = (n - out.len()).min(READ_BUFFER_BYTES);
+            let got = a.read(&mut chunk[..want]).await.unwrap();
+            assert!(got > 0, "unexpected end of stream");
+            out.extend_from_slice(&chunk[..got]);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn read_ahead_while_streaming_and_freed_after() {
+        let (mut peer, inner) = tokio::io::duplex(1 << 20);
+        let (mut a, _io) = Activity::new(inner);
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        peer.write_all(&big).await.unwrap();
+        let mut got = read_n(&mut a, 10_000).await;
+        assert!(a.ahead.is_some(), "a full first read switches to read-ahead");
+        got.extend(read_n(&mut a, big.len() - 10_000).await);
+        assert_eq!(got, big, "bytes exact");
+        // A small frame later: the read-ahead is drained and given back.
+        peer.write_all(b"tail").await.unwrap();
+        assert_eq!(read_n(&mut a, 4).await, b"tail");
+        assert!(a.ahead.is_none(), "an idle socket holds no read-ahead buffer");
+        assert!(!a.streaming);
+        drop(peer);
+        let mut rest = Vec::new();
+        assert_eq!(a.read_to_end(&mut rest).await.unwrap(), 0);
     }
 }
