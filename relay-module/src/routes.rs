@@ -22,6 +22,9 @@ use std::time::Duration;
 
 /// Connect timeout to an upstream peer: an unreachable one gives 502, never a hang.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the next bytes of an upstream's response (not for proxied WebSockets,
+/// which may be silent for hours), as nginx's `proxy_read_timeout` default.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default interval of the TCP health check of a route with several peers (ms).
 pub const DEFAULT_HEALTH_CHECK_MS: u64 = 1000;
 
@@ -117,19 +120,26 @@ pub fn under(prefix: &str, path: &str) -> bool {
 }
 
 impl Route {
-    /// The next healthy peer (round robin), or `None` if every peer failed its check.
-    pub fn peer(&self) -> Option<Box<HttpPeer>> {
-        let backend = self.lb.select(b"", 256)?;
+    /// The next healthy peer (round robin) not in `tried`, or `None` if there is none.
+    /// `websocket`: the request is an upgrade, so the response may stay silent for hours
+    /// (no read timeout); otherwise [`READ_TIMEOUT`].
+    pub fn peer(
+        &self,
+        tried: &[pingora::protocols::l4::socket::SocketAddr],
+        websocket: bool,
+    ) -> Option<Box<HttpPeer>> {
+        let backend = self
+            .lb
+            .select_with(b"", 256, |b, healthy| healthy && !tried.contains(&b.addr))?;
         let mut peer = HttpPeer::new(backend.addr, self.tls, self.sni.clone());
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT * 2);
-        // No read/idle timeouts: proxied WebSockets may be silent for hours.
-        peer.options.read_timeout = None;
+        peer.options.read_timeout = (!websocket).then_some(READ_TIMEOUT);
         peer.options.idle_timeout = None;
         Some(Box::new(peer))
     }
 
-    /// Number of peers configured.
+    /// Number of peer addresses (a host name may resolve to several).
     pub fn peer_count(&self) -> usize {
         self.peer_count
     }
@@ -208,13 +218,18 @@ impl Router {
             let mut lb =
                 LoadBalancer::<RoundRobin>::try_from_iter(peers.iter().map(String::as_str))
                     .map_err(|e| format!("{at}.upstream: cannot resolve: {e}"))?;
-            if peers.len() > 1 {
+            // Each resolved address is a backend (`localhost` may be two).
+            let addresses = lb.backends().get_backend().len();
+            if addresses == 0 {
+                return Err(format!("{at}.upstream: resolves to no address"));
+            }
+            if addresses > 1 {
                 lb.set_health_check(TcpHealthCheck::new());
                 lb.health_check_frequency =
                     Some(Duration::from_millis(conf.health_check_interval_ms));
             }
             let lb = Arc::new(lb);
-            if peers.len() > 1 {
+            if addresses > 1 {
                 router.health.push((prefix.clone(), lb.clone()));
             }
             let sni = conf.sni.clone().unwrap_or_else(|| {
@@ -225,7 +240,7 @@ impl Router {
             });
             router.routes.push(Arc::new(Route {
                 prefix,
-                peer_count: peers.len(),
+                peer_count: addresses,
                 lb,
                 tls: conf.tls,
                 sni,

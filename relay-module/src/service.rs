@@ -36,6 +36,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -98,8 +99,8 @@ impl RelayProxy {
 pub struct RequestCtx {
     _in_flight: InFlight,
     route: Option<Arc<Route>>,
-    /// Failed connects so far (each to another peer of the route).
-    failed_connects: usize,
+    /// Peers whose connect failed for this request (not tried again).
+    failed_peers: Vec<pingora::protocols::l4::socket::SocketAddr>,
 }
 
 /// Body of the 502 for an unreachable upstream (or a route without a healthy peer).
@@ -126,6 +127,7 @@ impl Listener {
 
 /// Builds the Pingora HTTP service that serves the relay on every listener. All listeners
 /// share `hub`, so a daemon on a plain LAN listener and an app on a TLS one pair up.
+/// Alone it runs no timers, drain or reload: use [`add_relay`], which adds those services.
 pub fn relay_service(
     server_conf: &Arc<ServerConf>,
     hub: Arc<SessionHub>,
@@ -306,7 +308,7 @@ impl ProxyHttp for RelayProxy {
         RequestCtx {
             _in_flight: self.hub.request_started(),
             route: None,
-            failed_connects: 0,
+            failed_peers: Vec::new(),
         }
     }
 
@@ -340,39 +342,41 @@ impl ProxyHttp for RelayProxy {
         Ok(true)
     }
 
-    /// The next healthy peer of the request's route.
+    /// The next healthy peer of the request's route that has not failed it yet.
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let Some(route) = &ctx.route else {
             return Error::e_explain(ErrorType::HTTPStatus(404), "no route");
         };
-        route.peer().ok_or_else(|| {
-            Error::explain(
-                ErrorType::ConnectNoRoute,
-                format!("route {}: no healthy upstream peer", route.prefix),
-            )
-            .into_up()
-        })
+        route
+            .peer(&ctx.failed_peers, session.is_upgrade_req())
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("route {}: no healthy upstream peer left", route.prefix),
+                )
+                .into_up()
+            })
     }
 
-    /// A peer that refuses or times out is tried no more for this request: the next peer
-    /// of the route is, once each, before the request gets 502 (a dead peer's health check
-    /// may not have noticed yet).
+    /// A peer that refuses or does not accept in time is not tried again for this request;
+    /// the request is retried on another healthy peer of the route while one is left, then
+    /// gets 502 (a dead peer's health check may not have noticed yet).
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        ctx.failed_connects += 1;
+        ctx.failed_peers.push(peer.address().clone());
         if ctx
             .route
             .as_ref()
-            .is_some_and(|r| ctx.failed_connects < r.peer_count())
+            .is_some_and(|r| ctx.failed_peers.len() < r.peer_count())
         {
             e.set_retry(true);
         }
