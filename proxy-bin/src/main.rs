@@ -101,7 +101,7 @@ fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok((old as u64, limit.rlim_cur as u64))
+    Ok((old, limit.rlim_cur))
 }
 
 fn fail(e: String) -> ! {

@@ -390,6 +390,21 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
         server.upgrade_sock = DEFAULT_UPGRADE_SOCK.to_string();
     }
 
+    if server.threads == 0 {
+        return Err(format!("{}: must be greater than 0", in_file("threads")));
+    }
+    // Pingora's own checks (e.g. max_blocking_threads > 0), before anything starts.
+    let server = server.validate().map_err(|e| {
+        let what = e
+            .context
+            .as_ref()
+            .map_or_else(|| e.to_string(), |c| c.to_string());
+        match &config_path {
+            Some(path) => format!("{path}: {what}"),
+            None => what,
+        }
+    })?;
+
     let router =
         Router::build(&file.routes, &file.trusted_proxies).map_err(|e| match &config_path {
             Some(path) => format!("{path}: {e}"),
@@ -578,6 +593,11 @@ mod tests {
                 "relay.ping_interval_ms: must be greater than 0",
             ),
             ("- a\n", "expected `key: value` lines at the top level"),
+            ("threads: 0\n", "threads: must be greater than 0"),
+            (
+                "max_blocking_threads: 0\n",
+                "max_blocking_threads must be greater than zero",
+            ),
             (
                 "daemon_wait_for_ready: true\n",
                 "daemon_wait_for_ready: not supported by paseo-relay (it takes over listeners \
