@@ -209,7 +209,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
             let got = buf.filled().len() - before;
             if matches!(res, Poll::Ready(Ok(()))) && got > 0 {
                 this.io.stamp(&this.io.last_read_ms);
-                this.streaming = got == wanted;
+                // tungstenite asks for a whole buffer only while a frame is incomplete;
+                // small requests (the tail of its buffer) say nothing about streaming.
+                this.streaming = wanted >= READ_BUFFER_BYTES && got == wanted;
             }
             return res;
         };
@@ -228,6 +230,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
                     // arrives in reads well below the buffer size, and freeing and zeroing
                     // the buffer on each of them would cost more than it saves.
                     (ahead.pos, ahead.len, ahead.drained) = (0, got, got < READ_BUFFER_BYTES);
+                }
+                Poll::Pending => {
+                    // Nothing more for now: an idle socket keeps no read-ahead buffer.
+                    this.ahead = None;
+                    this.streaming = false;
+                    return Poll::Pending;
                 }
                 other => return other,
             }
@@ -394,7 +402,7 @@ where
 }
 
 /// Ends a connection politely within `grace`: takes the write half back from the writer,
-/// flushes what tungstenite wrote (a close echo sits in Pingora's write buffer until then),
+/// flushes what tungstenite wrote (a close echo it buffered),
 /// half-closes, and reads and discards until the peer closes too, so unread input does not
 /// turn the close into a reset.
 async fn linger<S>(
@@ -678,13 +686,27 @@ mod tests {
         let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         peer.write_all(&big).await.unwrap();
         let mut got = read_n(&mut a, 10_000).await;
-        assert!(a.ahead.is_some(), "a full first read switches to read-ahead");
+        assert!(
+            a.ahead.is_some(),
+            "a full first read switches to read-ahead"
+        );
         got.extend(read_n(&mut a, big.len() - 10_000).await);
         assert_eq!(got, big, "bytes exact");
+        // Nothing more is sent: the read waits, and the buffer is given back meanwhile.
+        let mut one = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(20), a.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing to read");
+        assert!(
+            a.ahead.is_none(),
+            "a waiting socket holds no read-ahead buffer"
+        );
         // A small frame later: the read-ahead is drained and given back.
         peer.write_all(b"tail").await.unwrap();
         assert_eq!(read_n(&mut a, 4).await, b"tail");
-        assert!(a.ahead.is_none(), "an idle socket holds no read-ahead buffer");
+        assert!(
+            a.ahead.is_none(),
+            "an idle socket holds no read-ahead buffer"
+        );
         assert!(!a.streaming);
         drop(peer);
         let mut rest = Vec::new();
