@@ -125,6 +125,11 @@ impl SessionHub {
         self.sockets.load(Ordering::Acquire)
     }
 
+    /// Number of HTTP requests being handled.
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
+
     /// How the relay is stopping, once [`SessionHub::close_all`] ran.
     pub fn closing(&self) -> Option<Closing> {
         lock(&self.table).closing

@@ -3,7 +3,7 @@
 //!
 //! | signal | Pingora | sockets get | process |
 //! |---|---|---|---|
-//! | SIGTERM | graceful terminate | 1001 `Relay shutting down` | exits once idle, at most `grace_period_seconds` |
+//! | SIGTERM | graceful terminate | 1001 `Relay shutting down` | exits once idle; at most `grace_period_seconds`, then Pingora gives its runtimes `graceful_shutdown_timeout_seconds` |
 //! | SIGQUIT | listeners sent to the `--upgrade` process, then graceful | 1012 `Service restart` | same |
 //! | SIGINT | fast shutdown | nothing (dropped) | exits at once |
 //!
@@ -21,6 +21,9 @@ use pingora::services::background::BackgroundService;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
+
+/// How long the relay must stay idle before a graceful stop ends the process.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Close for SIGTERM: 1001 `Relay shutting down` (spec §0).
 pub const SHUTTING_DOWN: Closing = Closing {
@@ -114,7 +117,15 @@ impl BackgroundService for DrainService {
             "closing {open} WebSockets {} {}; waiting for them to end",
             closing.code, closing.reason
         );
-        self.hub.idle().await;
+        // Idle twice, a moment apart: a connection accepted just before the listeners
+        // stopped may still be sending its request head (not yet counted as in flight).
+        loop {
+            self.hub.idle().await;
+            tokio::time::sleep(SETTLE).await;
+            if self.hub.socket_count() == 0 && self.hub.requests_in_flight() == 0 {
+                break;
+            }
+        }
         if self.life.exit_when_idle {
             info!("every WebSocket and request has ended: exiting");
             std::process::exit(0);

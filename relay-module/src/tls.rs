@@ -24,7 +24,7 @@ use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 use pingora::{Error, ErrorType, Result};
 use std::io::BufReader;
 use std::sync::{Arc, RwLock};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Body of the `400` sent to plain HTTP on a TLS listener.
@@ -191,6 +191,17 @@ impl PreTlsProcess for PlainHttpGuard {
         );
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
+        // Read what the client sent (briefly, a little), so that closing the socket with
+        // unread input does not turn into a reset that could destroy the answer.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let mut scratch = [0u8; 1024];
+            for _ in 0..64 {
+                if matches!(stream.read(&mut scratch).await, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
         Error::e_explain(
             ErrorType::TLSHandshakeFailure,
             "plain HTTP on a TLS listener: the client must use TLS (Paseo daemon: useTls)",
