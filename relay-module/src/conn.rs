@@ -47,11 +47,11 @@ const UNSHARE_BELOW_BYTES: usize = 16 << 10;
 const MAX_PINGS_WHILE_BLOCKED: u32 = 64;
 /// tungstenite read buffer per socket, in bytes. tungstenite allocates it up front and
 /// never reads more than this per call, so it is small (an idle socket holds it), and
-/// [`READAHEAD_BYTES`] keeps large messages from costing one syscall per 2 KiB.
-const READ_BUFFER_BYTES: usize = 2 << 10;
+/// [`READAHEAD_BYTES`] keeps large messages from costing one syscall per 1 KiB.
+const READ_BUFFER_BYTES: usize = 1 << 10;
 /// While the peer streams (a read fills tungstenite's whole buffer), the socket is read in
 /// chunks this large into a buffer that is freed once the socket is drained.
-const READAHEAD_BYTES: usize = 64 << 10;
+const READAHEAD_BYTES: usize = 16 << 10;
 /// tungstenite write buffer target, in bytes; a flush always writes everything.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
@@ -81,27 +81,43 @@ pub async fn run<S>(stream: S, preread: Vec<u8>, att: Attachment, rx: OutboxRece
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conf = att.conf().clone();
-    let config = ws_config(&att.kind, &conf);
+    // Borrowed from the attachment, not copied: each copy would live in every socket's task.
+    let conf = att.conf();
+    let config = ws_config(&att.kind, conf);
     let (stream, io) = Activity::new(stream);
-    let ws =
-        WebSocketStream::from_partially_read(stream, preread, WsRole::Server, Some(config)).await;
+    // Boxed, like the end of the socket below: one-off steps whose state would otherwise be
+    // reserved in the task for the socket's whole life (idle memory, spec §0 targets).
+    let ws = Box::pin(WebSocketStream::from_partially_read(
+        stream,
+        preread,
+        WsRole::Server,
+        Some(config),
+    ))
+    .await;
     let (sink, stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(
         sink,
         rx,
         att.outbox.clone(),
         io.clone(),
-        conf.clone(),
+        conf.ping_interval(),
+        conf.slow_consumer_timeout(),
     ));
-    let (stream, end) = read_loop(stream, &mut writer, &att, &conf, &io).await;
+    let (stream, end) = read_loop(stream, &mut writer, &att, conf, &io).await;
     // Senders still waiting for room in this socket's queue give up at once, and the
     // session's cascades run now, not after the goodbye below.
     att.outbox.shut();
     att.detach();
     match end {
         ReadEnd::Linger(sink) => {
-            linger(stream, sink, writer, &att.outbox, conf.close_grace()).await
+            Box::pin(linger(
+                stream,
+                sink,
+                writer,
+                &att.outbox,
+                conf.close_grace(),
+            ))
+            .await
         }
         ReadEnd::Drop => writer.abort(),
     }
@@ -469,8 +485,23 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
         }
         return;
     }
+    // Fast path, almost every message: one destination with room queues without waiting.
+    // Waiting for room, fan-out and re-routing run in a boxed future, so that every socket's
+    // task does not reserve room for their state (it is most of an idle socket's task).
+    let route = match att.forward(unshare(msg)) {
+        Forward::Drop | Forward::Buffered => return,
+        Forward::One(to, msg) => match to.try_send_data(msg) {
+            Ok(()) => return,
+            Err(msg) => Forward::One(to, msg),
+        },
+        other => other,
+    };
+    Box::pin(forward_waiting(route, att, conf)).await;
+}
+
+/// Delivers a routed message that could not be queued at once (see [`on_message`]).
+async fn forward_waiting(mut route: Forward, att: &Attachment, conf: &crate::RelayConf) {
     let deadline = conf.slow_consumer_timeout();
-    let mut route = att.forward(unshare(msg));
     // A destination that closes while a frame is in flight to it (a replaced data socket)
     // gets the frame routed once more: to its successor, or into the late-daemon buffer.
     for retry in [true, false] {
@@ -586,13 +617,12 @@ async fn write_loop<S>(
     mut rx: OutboxReceiver,
     outbox: Arc<Outbox>,
     io: Arc<IoClock>,
-    conf: crate::RelayConf,
+    ping_every: Duration,
+    stall: Duration,
 ) -> (WriterEnd, Sink<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ping_every = conf.ping_interval();
-    let stall = conf.slow_consumer_timeout();
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -612,8 +642,9 @@ where
         };
         let started = Instant::now();
         let result = {
-            let batch = write_batch(&mut sink, &mut rx, &outbox, first);
-            tokio::pin!(batch);
+            // Boxed: the batch's state (sink futures, one message) lives only while writing,
+            // not in every idle socket's task.
+            let mut batch = Box::pin(write_batch(&mut sink, &mut rx, &outbox, first));
             // A peer may read slowly, but a write that makes no progress at all for the
             // slow-consumer deadline means it stopped reading: give up on the socket.
             loop {

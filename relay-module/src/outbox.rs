@@ -189,6 +189,20 @@ impl Outbox {
         self.data.push((Command::Send(msg), taken));
     }
 
+    /// Queues a data message if there is room now; gives it back otherwise (queue full, or
+    /// the socket closing), for [`Outbox::send_data`] to wait or report.
+    pub fn try_send_data(&self, msg: Message) -> Result<(), Message> {
+        let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity) as u32;
+        match self.room.try_acquire_many(cost) {
+            Ok(permit) => {
+                permit.forget();
+                self.data.push((Command::Send(msg), cost));
+                Ok(())
+            }
+            Err(_) => Err(msg),
+        }
+    }
+
     /// Queues a data message, waiting up to `deadline` for room. A message larger than the
     /// whole queue waits for an empty queue.
     pub async fn send_data(&self, msg: Message, deadline: Duration) -> Result<(), SendError> {
