@@ -124,8 +124,24 @@ fn section<T: for<'de> Deserialize<'de> + Default>(value: Value) -> Result<T, St
     serde_yaml::from_value(value).map_err(|e| e.to_string())
 }
 
+/// Largest configuration file read (bytes); a larger one (or `/dev/zero`) is an error.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+fn read_capped(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{path}: cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(format!("{path}: larger than {MAX_CONFIG_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("{path}: cannot read: {e}"))
+}
+
 fn read_file(path: &str) -> Result<FileConf, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: cannot read: {e}"))?;
+    let text = read_capped(path)?;
     let top: Value = serde_yaml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
     let top = match top {
         Value::Null => Mapping::new(),
@@ -145,6 +161,7 @@ fn read_file(path: &str) -> Result<FileConf, String> {
         };
         match key.as_str() {
             "listen" => {
+                let is_list = value.is_sequence();
                 let list = match value {
                     Value::Null => vec![],
                     Value::String(s) => vec![s],
@@ -163,6 +180,10 @@ fn read_file(path: &str) -> Result<FileConf, String> {
                     }
                 };
                 let list: Vec<String> = list.into_iter().filter(|s| !s.trim().is_empty()).collect();
+                if list.is_empty() && is_list {
+                    // `listen: ""` is unset (as in the Go relay); an empty list is a mistake.
+                    return Err(format!("{path}: listen: no address given"));
+                }
                 file.listen = (!list.is_empty()).then_some(list);
             }
             "log_level" => {
@@ -174,7 +195,18 @@ fn read_file(path: &str) -> Result<FileConf, String> {
             }
             "tls" => file.tls = section(value).map_err(|e| format!("{path}: tls: {e}"))?,
             "relay" => file.relay = section(value).map_err(|e| format!("{path}: relay: {e}"))?,
-            "routes" => file.routes = section(value).map_err(|e| format!("{path}: routes: {e}"))?,
+            "routes" => {
+                let items = match value {
+                    Value::Null => vec![],
+                    Value::Sequence(items) => items,
+                    _ => return Err(format!("{path}: routes: expected a list")),
+                };
+                for (i, item) in items.into_iter().enumerate() {
+                    let route = serde_yaml::from_value(item)
+                        .map_err(|e| format!("{path}: routes[{i}]: {e}"))?;
+                    file.routes.push(route);
+                }
+            }
             "trusted_proxies" => {
                 file.trusted_proxies =
                     section(value).map_err(|e| format!("{path}: trusted_proxies: {e}"))?
@@ -268,13 +300,17 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
             from: "--listen".into(),
         }
     } else if let Some(v) = non_empty(env("PASEO_LISTEN")) {
+        let list: Vec<String> = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if list.is_empty() {
+            return Err(format!("PASEO_LISTEN: no address in `{v}`"));
+        }
         Sourced {
-            value: v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect(),
+            value: list,
             from: "PASEO_LISTEN".into(),
         }
     } else if let Some(list) = file.listen {
@@ -555,6 +591,10 @@ mod tests {
             "PASEO_LOG_LEVEL: unknown log level `loud` (expected error, warn, info, debug, trace or off)"
         );
         assert_eq!(
+            err(Flags::default(), &[("PASEO_LISTEN", " , ")]),
+            "PASEO_LISTEN: no address in ` , `"
+        );
+        assert_eq!(
             err(Flags::default(), &[("PASEO_TLS_CERT", "/c.pem")]),
             "PASEO_TLS_CERT: a TLS certificate needs a key (--tls-key, PASEO_TLS_KEY or tls.key)"
         );
@@ -594,6 +634,11 @@ mod tests {
             ),
             ("- a\n", "expected `key: value` lines at the top level"),
             ("threads: 0\n", "threads: must be greater than 0"),
+            ("listen: []\n", "listen: no address given"),
+            (
+                "routes:\n  - path_prefix: /\n    upstream: 127.0.0.1:1\n    bogus: 1\n",
+                "routes[0]: unknown field `bogus`, expected one of `path_prefix`, `upstream`, `tls`, `sni`, `host_header`, `strip_prefix`, `health_check_interval_ms`",
+            ),
             (
                 "max_blocking_threads: 0\n",
                 "max_blocking_threads must be greater than zero",

@@ -133,11 +133,9 @@ impl RelayConf {
                 ));
             }
         }
-        if !self.path_prefix.is_empty() && !self.path_prefix.starts_with('/') {
-            return Err(format!(
-                "relay.path_prefix: `{}` must start with /",
-                self.path_prefix
-            ));
+        if !self.path_prefix.is_empty() {
+            crate::routes::normalize_prefix(&self.path_prefix)
+                .map_err(|e| format!("relay.path_prefix: {e}"))?;
         }
         if self.outbound_queue_bytes > u32::MAX as usize {
             return Err("relay.outbound_queue_bytes: must be at most 4 GiB".to_string());

@@ -104,6 +104,24 @@ pub fn normalize_prefix(prefix: &str) -> Result<String, String> {
     if !prefix.starts_with('/') {
         return Err(format!("`{prefix}` must start with /"));
     }
+    // A prefix that no request path can match (requests arrive percent-encoded, without
+    // a query) is a mistake, not a route.
+    let trimmed = prefix.trim_end_matches('/');
+    let bad_char = trimmed
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '?' | '#'));
+    if let Some(c) = bad_char {
+        return Err(format!(
+            "`{prefix}` has {c:?}: write a path as requests send it (percent-encoded, no query)"
+        ));
+    }
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!("`{prefix}` has an empty, `.` or `..` segment"));
+    }
     let trimmed = prefix.trim_end_matches('/');
     Ok(if trimmed.is_empty() {
         "/".to_string()
@@ -203,11 +221,36 @@ impl Router {
                 return Err(format!("{at}.upstream: no peer given"));
             }
             for peer in &peers {
-                let port_ok = peer
-                    .rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                let port_ok = peer.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
                 if !port_ok {
                     return Err(format!("{at}.upstream: `{peer}` is not host:port"));
+                }
+            }
+            if let Some(host) = &conf.host_header {
+                if http::HeaderValue::from_str(host).is_err() || host.is_empty() {
+                    return Err(format!(
+                        "{at}.host_header: `{}` is not a valid header value",
+                        host.escape_debug()
+                    ));
+                }
+            }
+            if let Some(sni) = &conf.sni {
+                if !conf.tls {
+                    return Err(format!("{at}.sni: only used with tls: true"));
+                }
+                if sni.is_empty()
+                    || !sni
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+                {
+                    return Err(format!(
+                        "{at}.sni: `{}` is not a host name",
+                        sni.escape_debug()
+                    ));
                 }
             }
             if conf.health_check_interval_ms == 0 {
@@ -337,6 +380,11 @@ impl Router {
             Some(h) if trusted => Some(h),
             _ => header(req, "Host").or_else(|| req.uri.authority().map(|a| a.to_string())),
         };
+        if !trusted {
+            // Other client-address headers are believed only from trusted proxies, too.
+            req.remove_header("X-Real-IP");
+            req.remove_header("Forwarded");
+        }
         req.insert_header("X-Forwarded-For", xff)?;
         req.insert_header("X-Forwarded-Proto", proto)?;
         match host {
@@ -410,6 +458,30 @@ mod tests {
             err(&[], &["10.0.0.0/33"]),
             "trusted_proxies[0]: `10.0.0.0/33` is not an address or CIDR"
         );
+        assert_eq!(
+            err(&[conf("/a/../b", "127.0.0.1:1")], &[]),
+            "routes[0].path_prefix: `/a/../b` has an empty, `.` or `..` segment"
+        );
+        assert_eq!(
+            err(&[conf("/a b", "127.0.0.1:1")], &[]),
+            "routes[0].path_prefix: `/a b` has ' ': write a path as requests send it (percent-encoded, no query)"
+        );
+        assert_eq!(
+            err(&[conf("/a", "http://127.0.0.1:80")], &[]),
+            "routes[0].upstream: `http://127.0.0.1:80` is not host:port"
+        );
+        let mut bad_host = conf("/a", "127.0.0.1:1");
+        bad_host.host_header = Some("a\r\nX-Injected: y".into());
+        assert_eq!(
+            err(&[bad_host], &[]),
+            "routes[0].host_header: `a\\r\\nX-Injected: y` is not a valid header value"
+        );
+        let mut sni_plain = conf("/a", "127.0.0.1:1");
+        sni_plain.sni = Some("x.example".into());
+        assert_eq!(
+            err(&[sni_plain], &[]),
+            "routes[0].sni: only used with tls: true"
+        );
     }
 
     #[test]
@@ -435,6 +507,8 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/app/x?q=1", None).unwrap();
         req.insert_header("Host", "site.example").unwrap();
         req.insert_header("X-Forwarded-For", "6.6.6.6").unwrap();
+        req.insert_header("X-Real-IP", "6.6.6.6").unwrap();
+        req.insert_header("Forwarded", "for=6.6.6.6").unwrap();
         r.forwarded_headers(&mut req, Some("1.2.3.4".parse().unwrap()), true)
             .unwrap();
         let h = |req: &RequestHeader, n: &str| {
@@ -443,6 +517,7 @@ mod tests {
         assert_eq!(h(&req, "X-Forwarded-For"), "1.2.3.4");
         assert_eq!(h(&req, "X-Forwarded-Proto"), "https");
         assert_eq!(h(&req, "X-Forwarded-Host"), "site.example");
+        assert!(req.headers.get("X-Real-IP").is_none() && req.headers.get("Forwarded").is_none());
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("Host", "inner").unwrap();
         req.insert_header("X-Forwarded-For", "6.6.6.6").unwrap();
