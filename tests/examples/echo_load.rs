@@ -1,7 +1,8 @@
-//! A small echo load against a running relay (the full benchmark tool is `relay-bench`, a
-//! separate piece of work). N daemon/app pairs (v2: control, data and client sockets, one
-//! serverId per pair); each app sends S-byte binary frames one at a time (W=1) and its
-//! daemon data socket echoes them back. Prints relayed messages per second and, given the
+//! A small echo load against a running relay, kept because BENCHMARKS.md quotes it for the
+//! figure before this work; use `relay-bench` (workspace member) for measurements.
+//! N daemon/app pairs (v2: control, data and client sockets, one serverId per pair); each
+//! app sends S-byte binary frames one at a time (W=1) and its daemon data socket echoes them
+//! back. Prints relayed messages per second and, given the
 //! relay's pid, the relay's CPU seconds over the measured window (from /proc).
 //!
 //! Run: `cargo run --release -p relay-tests --example echo_load -- ws://127.0.0.1:8080 50 10 100 <pid>`
