@@ -19,6 +19,21 @@ fn local(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
+/// Starts the binary in a fresh directory with `extra` config YAML on a free port and waits
+/// until it listens. Returns the process and its address.
+fn start(name: &str, extra: &str) -> (Relay, SocketAddr) {
+    let dir = temp_dir(name);
+    let conf = write_conf(&dir, extra);
+    let addr = local(free_port());
+    let relay = Relay::spawn(
+        &dir,
+        "relay.log",
+        &["-c", conf.to_str().unwrap(), "--listen", &addr.to_string()],
+    );
+    wait_listening(addr);
+    (relay, addr)
+}
+
 /// Polls the child until it exits, without blocking the test's runtime.
 async fn exited_within(relay: &mut Relay, within: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + within;
@@ -51,17 +66,8 @@ async fn expect_close(mut ws: Ws, within: Duration, code: u16, reason: &str, whi
 
 #[tokio::test]
 async fn sigterm_closes_every_socket_1001_and_exits_within_the_grace_period() {
-    let dir = temp_dir("sigterm");
-    let conf = write_conf(&dir, "");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut relay = Relay::spawn(
-        &dir,
-        "relay.log",
-        &["-c", conf.to_str().unwrap(), "--listen", &addr],
-    );
-    wait_listening(local(port));
-    let relay_end = Endpoint { addr: local(port) };
+    let (mut relay, addr) = start("sigterm", "");
+    let relay_end = Endpoint { addr };
     let s = sid("sigterm");
     let (c, mut k, mut d) = relay_end.paired(&s, "x").await;
     assert_relays_both_ways(&mut k, &mut d).await;
@@ -87,10 +93,7 @@ async fn sigterm_closes_every_socket_1001_and_exits_within_the_grace_period() {
     assert_eq!(status.code(), Some(0));
     // Every socket echoed the close, so the relay is idle long before the grace period.
     assert!(took < Duration::from_secs(5), "exited after {took:?}");
-    assert!(
-        TcpStream::connect(local(port)).await.is_err(),
-        "still accepting"
-    );
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
     let log = relay.log();
     assert!(
         log.contains("closing 5 WebSockets 1001 Relay shutting down"),
@@ -104,21 +107,12 @@ async fn sigterm_closes_every_socket_1001_and_exits_within_the_grace_period() {
 
 #[tokio::test]
 async fn sigterm_with_an_unresponsive_socket_still_exits_within_the_grace_period() {
-    let dir = temp_dir("sigterm-stuck");
     // A peer that never answers the close: the relay waits close_grace_ms, then drops it.
-    let conf = write_conf(
-        &dir,
+    let (mut relay, addr) = start(
+        "sigterm-stuck",
         "grace_period_seconds: 4\nrelay:\n  close_grace_ms: 60000\n",
     );
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut relay = Relay::spawn(
-        &dir,
-        "relay.log",
-        &["-c", conf.to_str().unwrap(), "--listen", &addr],
-    );
-    wait_listening(local(port));
-    let mut raw = TcpStream::connect(local(port)).await.unwrap();
+    let mut raw = TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "GET /ws?serverId={}&role=server&v=2 HTTP/1.1\r\nHost: r\r\n{}\r\n",
         sid("stuck"),
@@ -145,17 +139,8 @@ async fn sigterm_with_an_unresponsive_socket_still_exits_within_the_grace_period
 
 #[tokio::test]
 async fn sigint_stops_at_once_without_close_frames() {
-    let dir = temp_dir("sigint");
-    let conf = write_conf(&dir, "");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut relay = Relay::spawn(
-        &dir,
-        "relay.log",
-        &["-c", conf.to_str().unwrap(), "--listen", &addr],
-    );
-    wait_listening(local(port));
-    let relay_end = Endpoint { addr: local(port) };
+    let (mut relay, addr) = start("sigint", "");
+    let relay_end = Endpoint { addr };
     let (mut c, _) = relay_end.control_synced(&sid("sigint")).await;
     let started = Instant::now();
     relay.signal(libc::SIGINT);

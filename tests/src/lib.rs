@@ -418,6 +418,22 @@ impl Endpoint {
     }
 }
 
+/// Spec §9 case 36: text stays text, binary stays binary, bytes exact, both ways between a
+/// client K and its data socket D, several frames in flight each way.
+pub async fn assert_kind_and_bytes_preserved(k: &mut Ws, d: &mut Ws) {
+    send_text(k, r#"{"type":"e2ee_hello","key":"k"}"#).await;
+    send_binary(k, &[0x00, 0x01, 0xfe, 0xff]).await;
+    send_text(d, "eA==").await;
+    send_binary(d, &[0xde, 0xad]).await;
+    assert_eq!(
+        recv(d).await,
+        Message::text(r#"{"type":"e2ee_hello","key":"k"}"#)
+    );
+    assert_eq!(recv(d).await, Message::binary(vec![0x00, 0x01, 0xfe, 0xff]));
+    assert_eq!(recv(k).await, Message::text("eA=="));
+    assert_eq!(recv(k).await, Message::binary(vec![0xde, 0xad]));
+}
+
 /// Asserts that a client K and its data socket D still relay a text frame each way.
 pub async fn assert_relays_both_ways(k: &mut Ws, d: &mut Ws) {
     send_text(k, "k->d").await;

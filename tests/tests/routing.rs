@@ -770,20 +770,7 @@ async fn relay_on_paseo_pairs_while_ws_and_health_go_upstream() {
     )
     .await;
     assert_relays_both_ways(&mut k, &mut d).await;
-    send_text(&mut k, r#"{"type":"e2ee_hello","key":"k"}"#).await;
-    send_binary(&mut k, &[0x00, 0x01, 0xfe, 0xff]).await;
-    send_text(&mut d, "eA==").await;
-    send_binary(&mut d, &[0xde, 0xad]).await;
-    assert_eq!(
-        recv(&mut d).await,
-        Message::text(r#"{"type":"e2ee_hello","key":"k"}"#)
-    );
-    assert_eq!(
-        recv(&mut d).await,
-        Message::binary(vec![0x00, 0x01, 0xfe, 0xff])
-    );
-    assert_eq!(recv(&mut k).await, Message::text("eA=="));
-    assert_eq!(recv(&mut k).await, Message::binary(vec![0xde, 0xad]));
+    assert_kind_and_bytes_preserved(&mut k, &mut d).await;
     // A second client on the same connectionId is announced again.
     let _k2 = paseo_ws(
         &relay,

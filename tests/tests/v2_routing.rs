@@ -84,20 +84,7 @@ async fn case36_kind_and_bytes_preserved() {
     let (_c, _) = relay.control_synced(&s).await;
     let mut k = relay.client(&s, "a").await;
     let mut d = relay.data(&s, "a").await;
-    send_text(&mut k, r#"{"type":"e2ee_hello","key":"k"}"#).await;
-    send_binary(&mut k, &[0x00, 0x01, 0xfe, 0xff]).await;
-    send_text(&mut d, "eA==").await;
-    send_binary(&mut d, &[0xde, 0xad]).await;
-    assert_eq!(
-        recv(&mut d).await,
-        Message::text(r#"{"type":"e2ee_hello","key":"k"}"#)
-    );
-    assert_eq!(
-        recv(&mut d).await,
-        Message::binary(vec![0x00, 0x01, 0xfe, 0xff])
-    );
-    assert_eq!(recv(&mut k).await, Message::text("eA=="));
-    assert_eq!(recv(&mut k).await, Message::binary(vec![0xde, 0xad]));
+    assert_kind_and_bytes_preserved(&mut k, &mut d).await;
 }
 
 #[tokio::test]
