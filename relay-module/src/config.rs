@@ -134,7 +134,7 @@ impl RelayConf {
             }
         }
         if !self.path_prefix.is_empty() {
-            crate::routes::normalize_prefix(&self.path_prefix)
+            crate::http::routes::normalize_prefix(&self.path_prefix)
                 .map_err(|e| format!("relay.path_prefix: {e}"))?;
         }
         if self.outbound_queue_bytes > u32::MAX as usize {

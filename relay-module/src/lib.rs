@@ -17,35 +17,31 @@
 //!                        late-daemon buffer per x; nudge/reset timers (timers.rs)
 //! ```
 //!
-//! Routing: `routes` (route table, load balancing, `X-Forwarded-*`, trusted proxies).
-//! Operations: `tls` (certificate store, SIGHUP reload, plain HTTP on a TLS port) and
-//! `lifecycle` (SIGTERM / SIGQUIT drain) run as Pingora background services next to the
-//! timers; [`add_relay`] wires all of them into a `Server`.
+//! The source tree shows the parts:
 //!
-//! Only `service`, `conn`, `tls`, `lifecycle` and the timer service know Pingora or socket types; `hub`, `session`, `buffer`,
-//! `params`, `handshake` and `protocol` are plain Rust with unit tests.
+//! | module | owns |
+//! |---|---|
+//! | [`http`] | the `ProxyHttp` service, `/ws` validation (params, RFC 6455 handshake), routes |
+//! | [`session`] | session state: hub, sessions, late-daemon buffers, timers (no Pingora types) |
+//! | [`socket`] | one WebSocket's reader and writer tasks and its outbound queue |
+//! | [`ops`] | background services: shutdown drain, TLS store and SIGHUP reload, timers |
+//! | [`protocol`], [`config`] | wire vocabulary (close codes, control JSON) and tuning |
+//!
+//! [`add_relay`] wires all of them into a Pingora `Server`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod buffer;
 pub mod config;
-pub mod conn;
-pub mod handshake;
-pub mod hub;
-pub mod lifecycle;
-pub mod outbox;
-pub mod params;
+pub mod http;
+pub mod ops;
 pub mod protocol;
-pub mod routes;
-pub mod service;
 pub mod session;
-pub mod timers;
-pub mod tls;
+pub mod socket;
 
 pub use config::RelayConf;
-pub use hub::SessionHub;
-pub use lifecycle::{Lifecycle, RelaySignals};
-pub use routes::{RouteConf, Router};
-pub use service::{add_relay, relay_service, Listener, RelayProxy};
-pub use tls::CertStore;
+pub use http::routes::{RouteConf, Router};
+pub use http::service::{add_relay, relay_service, Listener, RelayProxy};
+pub use ops::lifecycle::{Lifecycle, RelaySignals};
+pub use ops::tls::CertStore;
+pub use session::hub::SessionHub;

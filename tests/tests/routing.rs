@@ -4,7 +4,7 @@
 //! Every request below is sent on a fresh TCP connection as raw HTTP/1.1, so that the status
 //! line, headers and body the relay answers are checked byte for byte.
 
-use relay_module::routes::Peers;
+use relay_module::http::routes::Peers;
 use relay_module::{RelayConf, RouteConf, Router};
 use relay_tests::upstream::{Checksum, HttpUpstream, Pattern, SeenRequest, WsEchoUpstream, CHUNK};
 use relay_tests::*;

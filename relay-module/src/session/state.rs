@@ -3,10 +3,10 @@
 //! its mutex and never awaits; it queues control messages and close requests into the
 //! sockets' [`Outbox`]es, which never block.
 
-use crate::buffer::{BufferBudget, PendingFrames};
 use crate::config::RelayConf;
-use crate::outbox::Outbox;
 use crate::protocol::{close, ControlMessage, Role, SocketKind};
+use crate::session::buffer::{BufferBudget, PendingFrames};
+use crate::socket::outbox::Outbox;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::Message;
@@ -269,7 +269,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{Command, OutboxReceiver};
+    use crate::socket::outbox::{Command, OutboxReceiver};
 
     struct Sock {
         peer: Peer,

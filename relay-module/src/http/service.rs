@@ -1,10 +1,10 @@
 //! `RelayProxy`: the Pingora `ProxyHttp` module that answers the relay's HTTP surface
 //! (relay-protocol.md §0 "HTTP surface", §1) on `<relay.path_prefix>/ws` and `/health`,
-//! hands accepted sockets to [`crate::conn::run`], and lets Pingora proxy every other path
-//! that a route matches ([`crate::routes`]); the rest is 404.
+//! hands accepted sockets to [`crate::socket::conn::run`], and lets Pingora proxy every other path
+//! that a route matches ([`crate::http::routes`]); the rest is 404.
 //!
-//! Flow of a `/ws` request in `request_filter`: query parameters ([`crate::params`]) →
-//! RFC 6455 handshake ([`crate::handshake`]) → attach to the session (on-connect frames are
+//! Flow of a `/ws` request in `request_filter`: query parameters ([`crate::http::params`]) →
+//! RFC 6455 handshake ([`crate::http::handshake`]) → attach to the session (on-connect frames are
 //! queued) → 101 written by Pingora → pipelined bytes collected → the raw stream is swapped
 //! out of Pingora's session and given to a spawned socket task → `Ok(true)`, which ends
 //! Pingora's handling of the request.
@@ -13,16 +13,16 @@
 //! [`Listener`] (plain or TLS) plus the background services for timers, the shutdown drain
 //! and the SIGHUP certificate reload.
 
-use crate::conn;
-use crate::handshake::{self, HandshakeError};
-use crate::hub::{InFlight, SessionHub};
-use crate::lifecycle::{DrainService, Lifecycle};
-use crate::outbox::Outbox;
-use crate::params;
+use crate::http::handshake::{self, HandshakeError};
+use crate::http::params;
+use crate::http::routes::{Route, Router};
+use crate::ops::lifecycle::{DrainService, Lifecycle};
+use crate::ops::tls::{CertStore, PlainHttpGuard, ReloadService};
+use crate::ops::TimerService;
 use crate::protocol::{assign_connection_id, SocketKind};
-use crate::routes::{Route, Router};
-use crate::timers::TimerService;
-use crate::tls::{CertStore, PlainHttpGuard, ReloadService};
+use crate::session::hub::{InFlight, SessionHub};
+use crate::socket::conn;
+use crate::socket::outbox::Outbox;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -156,7 +156,7 @@ pub fn relay_service(
 
 /// Adds the relay to `server`: the HTTP service on `listeners` (relay paths, and `router`
 /// for every other path) and the background services that run the nudge timers, the drain
-/// on graceful shutdown (see [`crate::lifecycle`]), the SIGHUP reload of the TLS
+/// on graceful shutdown (see [`crate::ops::lifecycle`]), the SIGHUP reload of the TLS
 /// certificate and the routes' health checks. Call before `run`; nothing starts before it
 /// (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the drain
 /// knows an upgrade from a terminate.

@@ -12,8 +12,8 @@
 //! server's shutdown watch (sent after the listeners were handed over, for an upgrade) and
 //! then closes every socket.
 
-use crate::hub::{Closing, SessionHub};
 use crate::protocol::close;
+use crate::session::hub::{Closing, SessionHub};
 use async_trait::async_trait;
 use log::info;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};

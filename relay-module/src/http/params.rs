@@ -75,7 +75,7 @@ impl std::error::Error for ParamsError {}
 /// Order: serverId present, serverId length, connectionId length, v, role (spec §1.3 and §0).
 ///
 /// ```
-/// use relay_module::params::{parse, ParamsError};
+/// use relay_module::http::params::{parse, ParamsError};
 /// use relay_module::protocol::{Role, Version};
 /// let p = parse("serverId=srv_1&role=server&v=%202%20", 256).unwrap();
 /// assert_eq!((p.version, p.role, p.connection_id), (Version::V2, Role::Server, None));

@@ -14,10 +14,10 @@
 //! close waits at most `close_grace_ms` for the peer's reply. When the reader ends, the
 //! writer is stopped and the socket is detached from its session.
 
-use crate::hub::Attachment;
-use crate::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use crate::protocol::{close, is_json_ping, ControlMessage, SocketKind};
+use crate::session::hub::Attachment;
 use crate::session::Forward;
+use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};

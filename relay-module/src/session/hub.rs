@@ -10,12 +10,12 @@
 //! with the counts of live sockets and in-flight HTTP requests that tell when a draining
 //! relay is idle.
 
-use crate::buffer::BufferBudget;
 use crate::config::RelayConf;
-use crate::outbox::Outbox;
 use crate::protocol::{SocketKind, Version};
+use crate::session::buffer::BufferBudget;
+use crate::session::timers::Timers;
 use crate::session::{Forward, Peer, Session};
-use crate::timers::Timers;
+use crate::socket::outbox::Outbox;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -109,7 +109,7 @@ impl SessionHub {
         })
     }
 
-    /// The relay's nudge/reset timer queue (run by [`crate::timers::TimerService`]).
+    /// The relay's nudge/reset timer queue (run by [`crate::ops::TimerService`]).
     pub fn timers(&self) -> &Timers {
         &self.timers
     }
@@ -360,15 +360,15 @@ mod tests {
             .unwrap();
         let request = hub.request_started();
         assert_eq!(hub.socket_count(), 2);
-        assert_eq!(hub.close_all(crate::lifecycle::SHUTTING_DOWN), 2);
+        assert_eq!(hub.close_all(crate::ops::lifecycle::SHUTTING_DOWN), 2);
         assert!(c.outbox.is_closing() && k.outbox.is_closing());
         assert_eq!(
             hub.attach(key(), SocketKind::Control, out()).err(),
-            Some(crate::lifecycle::SHUTTING_DOWN)
+            Some(crate::ops::lifecycle::SHUTTING_DOWN)
         );
         // A second close_all (an upgrade after a terminate) changes nothing.
-        assert_eq!(hub.close_all(crate::lifecycle::RESTARTING), 0);
-        assert_eq!(hub.closing(), Some(crate::lifecycle::SHUTTING_DOWN));
+        assert_eq!(hub.close_all(crate::ops::lifecycle::RESTARTING), 0);
+        assert_eq!(hub.closing(), Some(crate::ops::lifecycle::SHUTTING_DOWN));
         let idle = tokio::spawn({
             let hub = hub.clone();
             async move { hub.idle().await }

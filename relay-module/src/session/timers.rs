@@ -3,20 +3,17 @@
 //! connectionId still has a client and no data socket. Never cancelled; conditions are
 //! re-checked when a timer fires.
 //!
-//! All timers of a relay live in one [`Timers`] queue, run by [`TimerService`], a Pingora
-//! background service: it starts after `run_forever` (so after the `-d` fork) and stops with
-//! the server.
+//! All timers of a relay live in one [`Timers`] queue, run by
+//! [`crate::ops::TimerService`], a Pingora background service: it starts after `run_forever`
+//! (so after the `-d` fork) and stops with the server.
 
-use crate::hub::{with_session, SessionCell, SessionHub};
-use async_trait::async_trait;
+use crate::session::hub::{with_session, SessionCell};
 use log::warn;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// What a timer does when it fires.
@@ -98,7 +95,7 @@ impl Timers {
 
     /// Fires timers until `shutdown` turns true (or forever without one). Only the first call
     /// runs; a second one returns at once.
-    pub async fn run(&self, mut shutdown: Option<ShutdownWatch>) {
+    pub async fn run(&self, mut shutdown: Option<watch::Receiver<bool>>) {
         let taken = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(mut rx) = taken else {
             warn!("relay timers are already running");
@@ -140,7 +137,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Completes when the server starts shutting down (never without a watch).
-async fn stopped(shutdown: &mut Option<ShutdownWatch>) {
+async fn stopped(shutdown: &mut Option<watch::Receiver<bool>>) {
     match shutdown {
         Some(watch) => {
             if watch.wait_for(|stop| *stop).await.is_err() {
@@ -161,23 +158,13 @@ fn fire(due: Due) {
     }
 }
 
-/// The Pingora background service that runs the hub's [`Timers`].
-pub struct TimerService(pub Arc<SessionHub>);
-
-#[async_trait]
-impl BackgroundService for TimerService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        self.0.timers().run(Some(shutdown)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::BufferBudget;
-    use crate::outbox::{Command, Outbox, OutboxReceiver};
     use crate::protocol::SocketKind;
+    use crate::session::buffer::BufferBudget;
     use crate::session::{Peer, Session};
+    use crate::socket::outbox::{Command, Outbox, OutboxReceiver};
     use std::sync::Mutex;
 
     fn next(rx: &mut OutboxReceiver) -> Option<String> {

@@ -1,0 +1,13 @@
+//! The HTTP surface: what arrives on a listener before it is a WebSocket or a proxied
+//! request.
+//!
+//! - [`service`]: `RelayProxy`, the Pingora `ProxyHttp` module (`/health`, `/ws`, routed
+//!   paths, 404) and the wiring of the relay into a Pingora `Server`.
+//! - [`params`] and [`handshake`]: validation of a `/ws` request (query, RFC 6455), plain
+//!   Rust.
+//! - [`routes`]: the route table for every other path, load balancing and forwarded headers.
+
+pub mod handshake;
+pub mod params;
+pub mod routes;
+pub mod service;
