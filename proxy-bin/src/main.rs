@@ -23,7 +23,7 @@ use settings::{Flags, Settings};
     version,
     about = "Self-hosted Paseo relay on Pingora",
     after_help = "Priority: flags > environment (PASEO_LISTEN, PASEO_TLS_CERT, PASEO_TLS_KEY, \
-                  PASEO_LOG_LEVEL, PASEO_CONFIG) > config file > defaults.\n\
+                  PASEO_LOG_LEVEL, PASEO_ADMIN_LISTEN, PASEO_CONFIG) > config file > defaults.\n\
                   Signals: SIGTERM graceful stop, SIGQUIT hand-over to an --upgrade process, \
                   SIGINT fast stop, SIGHUP TLS certificate reload."
 )]
@@ -48,6 +48,10 @@ struct Cli {
     /// [env: PASEO_LOG_LEVEL] [default: info]
     #[arg(long = "log-level", value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Admin listener (plain HTTP: /metrics, /health, /ready, POST /drain, POST /resume):
+    /// HOST:PORT or :PORT; keep it off the Internet [env: PASEO_ADMIN_LISTEN] [default: none]
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    admin_listen: Option<String>,
 }
 
 /// Fails early, with the address and the reason, when a listen address is taken; Pingora
@@ -116,12 +120,14 @@ fn main() {
         tls_cert: cli.tls_cert,
         tls_key: cli.tls_key,
         log_level: cli.log_level,
+        admin_listen: cli.admin_listen,
         config: cli.pingora.conf.clone(),
     };
     let listen_given = !flags.listen.is_empty();
     let Settings {
         listeners,
         log_level,
+        admin_listen,
         mut server,
         relay,
         router,
@@ -138,6 +144,10 @@ fn main() {
     if !cli.pingora.upgrade {
         let from = if listen_given { "--listen" } else { "listen" };
         check_listen(&listeners, from).unwrap_or_else(|e| fail(e));
+        if let Some(addr) = &admin_listen {
+            check_listen(&[Listener::plain(addr.clone())], "admin_listen")
+                .unwrap_or_else(|e| fail(e));
+        }
     }
     ignore_sighup_until_handled();
     match raise_open_file_limit() {
@@ -156,9 +166,21 @@ fn main() {
     server.merge_with_opt(&opt);
     let mut server = Server::new_with_opt_and_conf(opt, server);
     server.bootstrap();
+    // After the open-file limit was raised: the default `max_websockets` derives from it.
     let hub = SessionHub::new(relay);
+    log::info!(
+        "max_websockets: {}",
+        hub.admission().limits().max_websockets
+    );
     let life = Lifecycle::new(true);
-    add_relay(&mut server, &hub, router, &listeners, &life);
+    add_relay(
+        &mut server,
+        &hub,
+        router,
+        &listeners,
+        admin_listen.as_deref(),
+        &life,
+    );
     let shown: Vec<String> = listeners
         .iter()
         .map(|l| match l.tls {
@@ -167,6 +189,9 @@ fn main() {
         })
         .collect();
     log::info!("paseo-relay starting on {}", shown.join(", "));
+    if let Some(addr) = &admin_listen {
+        log::info!("admin listener on {addr} (/metrics, /health, /ready, /drain, /resume)");
+    }
     server.run(RunArgs {
         shutdown_signal: Box::new(RelaySignals(life)),
     });

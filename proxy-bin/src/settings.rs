@@ -7,6 +7,7 @@
 //! | `--tls-cert PATH` | `PASEO_TLS_CERT` | `tls.cert` | none |
 //! | `--tls-key PATH` | `PASEO_TLS_KEY` | `tls.key` | none |
 //! | `--log-level LEVEL` | `PASEO_LOG_LEVEL` | `log_level` | `info` |
+//! | `--admin-listen ADDR` | `PASEO_ADMIN_LISTEN` | `admin_listen` | none |
 //! | `-c/--conf/--config PATH` | `PASEO_CONFIG` | - | none |
 //!
 //! The YAML file also holds Pingora's `ServerConf` keys at the top level and the relay's
@@ -48,6 +49,8 @@ pub struct Flags {
     pub tls_key: Option<String>,
     /// `--log-level`.
     pub log_level: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
     /// `-c/--conf/--config`.
     pub config: Option<String>,
 }
@@ -58,6 +61,8 @@ pub struct Settings {
     pub listeners: Vec<Listener>,
     /// Log level for env_logger (`RUST_LOG`, if set, still wins).
     pub log_level: String,
+    /// The admin listener's `IP:port` (plain HTTP), if any.
+    pub admin_listen: Option<String>,
     /// Pingora's settings, with our defaults where nothing set them.
     pub server: ServerConf,
     /// The relay's tuning (`relay:`), validated.
@@ -92,6 +97,7 @@ struct TlsFile {
 struct FileConf {
     listen: Option<Vec<String>>,
     log_level: Option<String>,
+    admin_listen: Option<String>,
     tls: TlsFile,
     relay: RelayConf,
     routes: Vec<RouteConf>,
@@ -191,6 +197,13 @@ fn read_file(path: &str) -> Result<FileConf, String> {
                     Value::Null => None,
                     Value::String(s) => non_empty(Some(s)),
                     _ => return Err(format!("{path}: log_level: expected a string")),
+                }
+            }
+            "admin_listen" => {
+                file.admin_listen = match value {
+                    Value::Null => None,
+                    Value::String(s) => non_empty(Some(s)),
+                    _ => return Err(format!("{path}: admin_listen: expected an address")),
                 }
             }
             "tls" => file.tls = section(value).map_err(|e| format!("{path}: tls: {e}"))?,
@@ -385,6 +398,35 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
         listeners.push(Listener { addr, tls });
     }
 
+    // admin listener: plain HTTP on an address of its own
+    let admin = pick(
+        flags.admin_listen,
+        "--admin-listen",
+        env,
+        "PASEO_ADMIN_LISTEN",
+        file.admin_listen,
+        in_file("admin_listen"),
+    );
+    let admin_listen = match admin {
+        None => None,
+        Some(admin) => {
+            let (addr, tls) = parse_listen(&admin.value, &admin.from)?;
+            if tls == Some(true) {
+                return Err(format!(
+                    "{} {}: the admin listener is plain HTTP only",
+                    admin.from, admin.value
+                ));
+            }
+            if seen.contains(&addr) {
+                return Err(format!(
+                    "{} {}: also a relay listen address",
+                    admin.from, admin.value
+                ));
+            }
+            Some(addr)
+        }
+    };
+
     // log level
     let level = pick(
         flags.log_level,
@@ -450,6 +492,7 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
     Ok(Settings {
         listeners,
         log_level,
+        admin_listen,
         server,
         relay: file.relay,
         router,

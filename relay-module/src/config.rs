@@ -58,6 +58,27 @@ pub struct RelayConf {
     /// `/paseo/health`, and `/ws` is no longer the relay's. Default empty (`/ws`, `/health`).
     /// Must start with `/`; a trailing `/` is ignored.
     pub path_prefix: String,
+    /// Most WebSockets in the process; over it a `/ws` gets 503 `Relay at capacity` with
+    /// `Retry-After: 5`. Default (`None`): the open-file limit (after the binary raised it)
+    /// minus 1 024 for other files, but at least half the limit (issue 9).
+    pub max_websockets: Option<usize>,
+    /// Most WebSockets from one client address (as `trusted_proxies` resolves it); over it
+    /// 429 `Too many connections from this address`. Default 256.
+    pub max_websockets_per_ip: usize,
+    /// Upgrade token bucket per address: tokens earned per second. Default 20.
+    pub upgrades_per_ip_per_second: u32,
+    /// Upgrade token bucket per address: most tokens held (the burst). Over it 429 `Too many
+    /// requests` with `Retry-After` the whole seconds until a token. Default 100.
+    pub upgrade_burst_per_ip: u32,
+    /// Control sockets that may replace the current one per minute, per (version,
+    /// serverId); the next newcomer gets 429 `Too many control replacements` and the current
+    /// control keeps its place. Default 12.
+    pub control_replacements_per_minute: u32,
+    /// Bytes of partly received messages across the process, reserved from each frame
+    /// header's length before its payload is read; a socket that would exceed it is not
+    /// read until room frees up, and after `slow_consumer_timeout_ms` it is closed
+    /// 1013 `Relay ingress capacity`. Default 512 MiB.
+    pub ingress_budget_bytes: usize,
 }
 
 impl Default for RelayConf {
@@ -78,6 +99,12 @@ impl Default for RelayConf {
             ping_timeout_ms: 90_000,
             close_grace_ms: 5_000,
             path_prefix: String::new(),
+            max_websockets: None,
+            max_websockets_per_ip: 256,
+            upgrades_per_ip_per_second: 20,
+            upgrade_burst_per_ip: 100,
+            control_replacements_per_minute: 12,
+            ingress_budget_bytes: 512 << 20,
         }
     }
 }
@@ -100,6 +127,21 @@ impl RelayConf {
             ("ping_interval_ms", self.ping_interval_ms),
             ("ping_timeout_ms", self.ping_timeout_ms),
             ("close_grace_ms", self.close_grace_ms),
+            (
+                "max_websockets",
+                self.max_websockets.map_or(1, |n| n as u64),
+            ),
+            ("max_websockets_per_ip", self.max_websockets_per_ip as u64),
+            (
+                "upgrades_per_ip_per_second",
+                self.upgrades_per_ip_per_second.into(),
+            ),
+            ("upgrade_burst_per_ip", self.upgrade_burst_per_ip.into()),
+            (
+                "control_replacements_per_minute",
+                self.control_replacements_per_minute.into(),
+            ),
+            ("ingress_budget_bytes", self.ingress_budget_bytes as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -148,6 +190,15 @@ impl RelayConf {
         self.path_prefix.trim_end_matches('/')
     }
 
+    /// The effective `max_websockets`: the configured value, or the default derived from
+    /// the process's soft open-file limit `fd_limit` (limit - 1 024, at least limit / 2).
+    pub fn max_websockets_for(&self, fd_limit: u64) -> usize {
+        self.max_websockets.unwrap_or_else(|| {
+            let limit = usize::try_from(fd_limit).unwrap_or(usize::MAX);
+            limit.saturating_sub(1024).max(limit / 2).max(1)
+        })
+    }
+
     /// [`Self::slow_consumer_timeout_ms`] as a `Duration`.
     pub fn slow_consumer_timeout(&self) -> Duration {
         Duration::from_millis(self.slow_consumer_timeout_ms)
@@ -187,6 +238,27 @@ mod tests {
         assert_eq!(c.nudge_after(), Duration::from_secs(10));
         assert_eq!(c.reset_after(), Duration::from_secs(15));
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn max_websockets_defaults_from_the_open_file_limit() {
+        let c = RelayConf::default();
+        assert_eq!(c.max_websockets_for(1024), 512);
+        assert_eq!(c.max_websockets_for(4096), 3072);
+        assert_eq!(c.max_websockets_for(1_048_576), 1_047_552);
+        let set = RelayConf {
+            max_websockets: Some(7),
+            ..c
+        };
+        assert_eq!(set.max_websockets_for(1024), 7);
+        let zero = RelayConf {
+            max_websockets: Some(0),
+            ..RelayConf::default()
+        };
+        assert_eq!(
+            zero.validate(),
+            Err("relay.max_websockets: must be greater than 0".into())
+        );
     }
 
     #[test]

@@ -49,10 +49,18 @@ pub struct Endpoint {
 /// Derefs to its [`Endpoint`] (`relay.addr`, `relay.control(..)`, ...).
 pub struct TestRelay {
     endpoint: Endpoint,
+    /// The relay's admin listener (`/metrics`, `/ready`, `/drain`, `/resume`).
+    pub admin: Endpoint,
     /// The hub the server uses (to observe session counts).
     pub hub: Arc<SessionHub>,
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
 }
 
 /// Logging for tests (`RUST_LOG=debug cargo test` to see it).
@@ -75,11 +83,9 @@ impl TestRelay {
     /// waits until it accepts connections.
     pub async fn start_routed(conf: RelayConf, router: Router) -> TestRelay {
         init_log();
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-            l.local_addr().expect("local addr").port()
-        };
+        let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let dir = std::env::temp_dir();
         let server_conf = ServerConf {
             threads: 1,
@@ -105,6 +111,7 @@ impl TestRelay {
             &hub,
             router,
             &listeners,
+            Some(&admin.to_string()),
             &Lifecycle::new(false),
         );
         let thread = std::thread::spawn(move || {
@@ -113,7 +120,7 @@ impl TestRelay {
             })
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).await.is_err() {
+        while TcpStream::connect(addr).await.is_err() || TcpStream::connect(admin).await.is_err() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "relay did not start on {addr}"
@@ -122,6 +129,7 @@ impl TestRelay {
         }
         TestRelay {
             endpoint: Endpoint { addr },
+            admin: Endpoint { addr: admin },
             hub,
             stop,
             thread: Some(thread),

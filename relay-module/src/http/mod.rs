@@ -3,10 +3,12 @@
 //!
 //! - [`service`]: `RelayProxy`, the Pingora `ProxyHttp` module (`/health`, `/ws`, routed
 //!   paths, 404) and the wiring of the relay into a Pingora `Server`.
+//! - [`admin`]: the admin listener (`/metrics`, `/ready`, `/drain`, `/resume`).
 //! - [`params`] and [`handshake`]: validation of a `/ws` request (query, RFC 6455), plain
 //!   Rust.
 //! - [`routes`]: the route table for every other path, load balancing and forwarded headers.
 
+pub mod admin;
 pub mod handshake;
 pub mod params;
 pub mod routes;

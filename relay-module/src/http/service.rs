@@ -13,20 +13,23 @@
 //! [`Listener`] (plain or TLS) plus the background services for timers, the shutdown drain
 //! and the SIGHUP certificate reload.
 
+use crate::http::admin::admin_service;
 use crate::http::handshake::{self, HandshakeError};
 use crate::http::params;
 use crate::http::routes::{Route, Router};
 use crate::ops::lifecycle::{DrainService, Lifecycle};
+use crate::ops::metrics::{Handler, Rejection};
 use crate::ops::tls::{CertStore, PlainHttpGuard, ReloadService};
 use crate::ops::TimerService;
 use crate::protocol::{assign_connection_id, SocketKind};
-use crate::session::hub::{InFlight, SessionHub};
+use crate::session::admission::{DRAINING, RETRY_AFTER_SECONDS, TOO_MANY_REPLACEMENTS};
+use crate::session::hub::{AttachError, InFlight, SessionHub};
 use crate::socket::conn;
 use crate::socket::outbox::Outbox;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use log::{debug, info, warn};
+use log::{debug, warn};
 use pingora::http::ResponseHeader;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::HttpPeer;
@@ -40,6 +43,7 @@ use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Body of `GET /health` (spec §1.1): 15 bytes, `application/json`.
 pub const HEALTH_BODY: &str = r#"{"status":"ok"}"#;
@@ -47,7 +51,8 @@ pub const HEALTH_BODY: &str = r#"{"status":"ok"}"#;
 pub const NOT_FOUND_BODY: &str = "Not found";
 /// Body of the 431 for a request head over `max_request_head_bytes`.
 pub const HEAD_TOO_LARGE_BODY: &str = "Request header fields too large";
-const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+pub(crate) const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+pub(crate) const JSON: &str = "application/json";
 
 /// Size of a request head as the relay counts it: request target plus every header name and
 /// value, each header with its `": "` and CRLF.
@@ -68,6 +73,8 @@ pub struct RelayProxy {
     ws_path: String,
     /// `<path_prefix>/health`.
     health_path: String,
+    /// `<path_prefix>/ready`.
+    ready_path: String,
 }
 
 impl RelayProxy {
@@ -80,6 +87,7 @@ impl RelayProxy {
             router,
             ws_path: format!("{mount}/ws"),
             health_path: format!("{mount}/health"),
+            ready_path: format!("{mount}/ready"),
         }
     }
 
@@ -155,7 +163,8 @@ pub fn relay_service(
 }
 
 /// Adds the relay to `server`: the HTTP service on `listeners` (relay paths, and `router`
-/// for every other path) and the background services that run the nudge timers, the drain
+/// for every other path), the admin service on `admin` if given (see [`crate::http::admin`])
+/// and the background services that run the nudge timers, the drain
 /// on graceful shutdown (see [`crate::ops::lifecycle`]), the SIGHUP reload of the TLS
 /// certificate and the routes' health checks. Call before `run`; nothing starts before it
 /// (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the drain
@@ -165,8 +174,12 @@ pub fn add_relay(
     hub: &Arc<SessionHub>,
     router: Router,
     listeners: &[Listener],
+    admin: Option<&str>,
     life: &Arc<Lifecycle>,
 ) {
+    if let Some(addr) = admin {
+        server.add_service(admin_service(&server.configuration, hub.clone(), addr));
+    }
     for health_check in router.health_services() {
         server.add_service(health_check);
     }
@@ -192,24 +205,23 @@ pub fn add_relay(
     server.add_service(background_service("TLS reload", ReloadService(store)));
 }
 
-/// Writes a complete response with an exact body and `Content-Type`.
-async fn respond(
+/// Writes a complete response with an exact body, `Content-Type` and extra headers.
+pub(crate) async fn respond(
     session: &mut Session,
     status: u16,
     content_type: &str,
-    body: &'static str,
-    extra: Option<(&'static str, &'static str)>,
+    body: impl Into<Bytes>,
+    extra: &[(&'static str, &str)],
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    let body = body.into();
+    let mut resp = ResponseHeader::build(status, Some(3 + extra.len()))?;
     resp.insert_header("Content-Type", content_type)?;
     resp.insert_header("Content-Length", body.len().to_string())?;
-    if let Some((name, value)) = extra {
-        resp.insert_header(name, value)?;
+    for (name, value) in extra {
+        resp.insert_header(*name, *value)?;
     }
     session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-        .await
+    session.write_response_body(Some(body), true).await
 }
 
 /// A Pingora session over an empty in-memory stream, left in place of the real one after
@@ -224,6 +236,28 @@ async fn placeholder_session() -> ServerSession {
 }
 
 impl RelayProxy {
+    /// 503 for a `/ws` while the relay drains: `Relay draining` with `Retry-After: 5` after
+    /// `POST /drain`, or the stop's reason (`Relay shutting down`, `Service restart`) on a
+    /// connection that races a shutdown.
+    async fn refuse_draining(&self, session: &mut Session) -> Result<()> {
+        self.hub.metrics().rejected(Rejection::Draining).inc();
+        if let Some(closing) = self.hub.closing() {
+            debug!("/ws refused: the relay is stopping");
+            session.set_keepalive(None);
+            return respond(session, 503, TEXT_PLAIN, closing.reason, &[]).await;
+        }
+        debug!("/ws refused: the relay is draining");
+        let retry = RETRY_AFTER_SECONDS.to_string();
+        respond(
+            session,
+            503,
+            TEXT_PLAIN,
+            DRAINING,
+            &[("Retry-After", &retry)],
+        )
+        .await
+    }
+
     async fn upgrade(&self, session: &mut Session) -> Result<()> {
         let conf = self.hub.conf();
         let req = session.req_header();
@@ -232,7 +266,8 @@ impl RelayProxy {
             Ok(p) => p,
             Err(e) => {
                 debug!("/ws rejected: {e}");
-                return respond(session, 400, TEXT_PLAIN, e.body(), None).await;
+                self.hub.metrics().rejected(Rejection::BadRequest).inc();
+                return respond(session, 400, TEXT_PLAIN, e.body(), &[]).await;
             }
         };
         let has_body = handshake::declares_body(&req.headers);
@@ -240,22 +275,44 @@ impl RelayProxy {
             Ok(accept) => accept,
             Err(e) => {
                 debug!("/ws rejected: {e}");
-                let extra =
-                    (e == HandshakeError::BadVersion).then_some(("Sec-WebSocket-Version", "13"));
+                self.hub.metrics().rejected(Rejection::BadRequest).inc();
+                let extra: &[_] = match e {
+                    HandshakeError::BadVersion => &[("Sec-WebSocket-Version", "13")],
+                    _ => &[],
+                };
                 return respond(session, e.status(), TEXT_PLAIN, e.body(), extra).await;
             }
         };
+        if self.hub.is_draining() {
+            return self.refuse_draining(session).await;
+        }
 
         let client = self.client_addr(session);
+        let ticket = match self.hub.admission().admit(client, Instant::now()) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                debug!("/ws refused {}: {}", refusal.status, refusal.body);
+                self.hub.metrics().rejected(refusal.reason).inc();
+                let retry = refusal.retry_after.to_string();
+                return respond(
+                    session,
+                    refusal.status,
+                    TEXT_PLAIN,
+                    refusal.body,
+                    &[("Retry-After", &retry)],
+                )
+                .await;
+            }
+        };
         let kind = params.socket_kind(assign_connection_id);
         let (outbox, rx) = Outbox::new(conf.outbound_queue_bytes);
         let key = (params.version, params.server_id);
-        let (att, nudge) = match self.hub.attach(key, kind, Arc::new(outbox)) {
+        let (att, nudge) = match self.hub.attach(key, kind, Arc::new(outbox), Some(ticket)) {
             Ok(attached) => attached,
-            Err(closing) => {
-                debug!("/ws refused: the relay is stopping");
-                session.set_keepalive(None);
-                return respond(session, 503, TEXT_PLAIN, closing.reason, None).await;
+            Err(AttachError::Stopping(_)) => return self.refuse_draining(session).await,
+            Err(AttachError::ControlReplacements) => {
+                self.hub.metrics().rejected(Rejection::Replacement).inc();
+                return respond(session, 429, TEXT_PLAIN, TOO_MANY_REPLACEMENTS, &[]).await;
             }
         };
 
@@ -280,9 +337,10 @@ impl RelayProxy {
         };
         let stream = h1.into_inner();
 
+        self.hub.metrics().websockets_accepted.get(&att.kind).inc();
         match client {
-            Some(ip) => info!("{}: attached from {ip}", att.describe()),
-            None => info!("{}: attached", att.describe()),
+            Some(ip) => debug!("{}: attached from {ip}", att.describe()),
+            None => debug!("{}: attached", att.describe()),
         }
         if nudge {
             if let SocketKind::Client(x) = &att.kind {
@@ -317,15 +375,24 @@ impl ProxyHttp for RelayProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let head = head_bytes(session.req_header());
         let path = session.req_header().uri.path();
+        let metrics = self.hub.metrics();
         let result = if head > self.hub.conf().max_request_head_bytes {
             debug!("request head of {head} bytes refused");
+            metrics.request(Handler::Other).inc();
             session.set_keepalive(None);
-            respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, None).await
+            respond(session, 431, TEXT_PLAIN, HEAD_TOO_LARGE_BODY, &[]).await
         } else if path == self.health_path {
-            respond(session, 200, "application/json", HEALTH_BODY, None).await
+            metrics.request(Handler::Health).inc();
+            respond(session, 200, JSON, HEALTH_BODY, &[]).await
+        } else if path == self.ready_path {
+            metrics.request(Handler::Ready).inc();
+            let (status, body) = self.hub.readiness().answer();
+            respond(session, status, JSON, body, &[]).await
         } else if path == self.ws_path {
+            metrics.request(Handler::Ws).inc();
             self.upgrade(session).await
         } else if let Some(route) = self.router.route(path) {
+            metrics.request(Handler::Route).inc();
             ctx.route = Some(route.clone());
             if session.is_upgrade_req() {
                 // A proxied WebSocket may be silent for long: no read timeout downstream.
@@ -333,7 +400,8 @@ impl ProxyHttp for RelayProxy {
             }
             return Ok(false);
         } else {
-            respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, None).await
+            metrics.request(Handler::NotFound).inc();
+            respond(session, 404, TEXT_PLAIN, NOT_FOUND_BODY, &[]).await
         };
         // A peer that hangs up before its answer is written is not the relay's error.
         if let Err(e) = result {
@@ -402,6 +470,14 @@ impl ProxyHttp for RelayProxy {
         Ok(())
     }
 
+    /// Counts a proxied request by route and status class once it is over.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if let Some(route) = &ctx.route {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            self.hub.metrics().proxied(&route.prefix, status);
+        }
+    }
+
     /// Pingora's error answer, except that an unreachable upstream gets 502 with a body.
     async fn fail_to_proxy(
         &self,
@@ -425,7 +501,7 @@ impl ProxyHttp for RelayProxy {
         };
         if code == 502 && session.response_written().is_none() {
             session.set_keepalive(None);
-            if let Err(e) = respond(session, 502, TEXT_PLAIN, BAD_GATEWAY_BODY, None).await {
+            if let Err(e) = respond(session, 502, TEXT_PLAIN, BAD_GATEWAY_BODY, &[]).await {
                 debug!("writing a 502 failed: {e}");
             }
         } else if code > 0 {

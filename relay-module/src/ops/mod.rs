@@ -3,6 +3,7 @@
 //! nudge/reset timer service ([`TimerService`]).
 
 pub mod lifecycle;
+pub mod metrics;
 pub mod tls;
 
 use crate::session::hub::SessionHub;

@@ -42,6 +42,15 @@ impl BufferBudget {
     }
 }
 
+/// What [`PendingFrames::push`] dropped to keep the newest frames.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Frames dropped, oldest first.
+    pub frames: usize,
+    /// Their payload bytes (to give back to the budget).
+    pub bytes: usize,
+}
+
 /// Frames waiting for one connectionId's data socket: the newest `max_frames` and at most
 /// `max_bytes` of payload; the oldest are dropped until both hold (spec §0).
 ///
@@ -56,15 +65,16 @@ pub struct PendingFrames {
 impl PendingFrames {
     /// Appends a frame, then drops the oldest frames until at most `max_frames` frames and
     /// `max_bytes` bytes remain. Returns the payload bytes dropped.
-    pub fn push(&mut self, frame: Message, max_frames: usize, max_bytes: usize) -> usize {
+    pub fn push(&mut self, frame: Message, max_frames: usize, max_bytes: usize) -> Dropped {
         self.bytes += frame.len();
         self.frames.push_back(frame);
-        let mut dropped = 0;
+        let mut dropped = Dropped::default();
         while self.frames.len() > max_frames || self.bytes > max_bytes {
             match self.frames.pop_front() {
                 Some(old) => {
                     self.bytes -= old.len();
-                    dropped += old.len();
+                    dropped.frames += 1;
+                    dropped.bytes += old.len();
                 }
                 None => break,
             }
@@ -103,7 +113,7 @@ mod tests {
         let mut p = PendingFrames::default();
         let mut dropped = 0;
         for i in 0..=200 {
-            dropped += p.push(Message::text(i.to_string()), 200, 32 << 20);
+            dropped += p.push(Message::text(i.to_string()), 200, 32 << 20).bytes;
         }
         assert_eq!(dropped, 1); // "0"
         let (frames, bytes) = p.take();
@@ -118,9 +128,15 @@ mod tests {
     #[test]
     fn byte_limit_drops_oldest_and_keeps_kinds() {
         let mut p = PendingFrames::default();
-        assert_eq!(p.push(Message::binary(vec![1u8; 6]), 200, 10), 0);
-        assert_eq!(p.push(Message::text("abcd"), 200, 10), 0);
-        assert_eq!(p.push(Message::binary(vec![2u8; 3]), 200, 10), 6);
+        assert_eq!(p.push(Message::binary(vec![1u8; 6]), 200, 10).bytes, 0);
+        assert_eq!(p.push(Message::text("abcd"), 200, 10).bytes, 0);
+        assert_eq!(
+            p.push(Message::binary(vec![2u8; 3]), 200, 10),
+            Dropped {
+                frames: 1,
+                bytes: 6
+            }
+        );
         let (frames, bytes) = p.take();
         assert_eq!(bytes, 7);
         assert_eq!(

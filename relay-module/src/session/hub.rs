@@ -5,19 +5,24 @@
 //! empty is removed atomically and a socket can never land in a dropped session. Frame
 //! routing locks only its own session. No lock is ever held across an `.await`.
 //!
-//! The hub also owns what the whole relay shares: the buffer budget, the timer queue, and
-//! the shutdown state (once [`SessionHub::close_all`] ran, no socket attaches any more),
-//! with the counts of live sockets and in-flight HTTP requests that tell when a draining
-//! relay is idle.
+//! The hub also owns what the whole relay shares: the buffer budget, the timer queue, the
+//! metrics, the admission ceilings, the drain state (`POST /drain`), and the shutdown state
+//! (once [`SessionHub::close_all`] ran, no socket attaches any more), with the counts of
+//! live sockets and in-flight HTTP requests that tell when a draining relay is idle.
+//! Readiness, the drain state and every gauge are atomics: a scrape or a `/ready` never
+//! waits on the table or a session lock.
 
 use crate::config::RelayConf;
+use crate::ops::metrics::Metrics;
 use crate::protocol::{SocketKind, Version};
+use crate::session::admission::{Admission, Limits, Ticket};
 use crate::session::buffer::BufferBudget;
+use crate::session::state::ControlAdmit;
 use crate::session::timers::Timers;
 use crate::session::{Forward, Peer, Session};
 use crate::socket::outbox::Outbox;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
@@ -43,6 +48,38 @@ pub struct Closing {
     pub reason: &'static str,
 }
 
+/// Why [`SessionHub::attach`] registered nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    /// The relay is stopping: answer 503 with the reason as body.
+    Stopping(Closing),
+    /// The session's control was replaced too often this minute: answer 429
+    /// `Too many control replacements`; the current control stays.
+    ControlReplacements,
+}
+
+/// What `/ready` answers (issue 9 "Readiness and drain").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// 200 `{"status":"ready"}`: new WebSockets are accepted.
+    Ready,
+    /// 503 `{"status":"draining"}`: after `POST /drain`, or while the relay stops.
+    Draining,
+    /// 503 `{"status":"full"}`: at `max_websockets`.
+    Full,
+}
+
+impl Readiness {
+    /// HTTP status and exact JSON body.
+    pub fn answer(self) -> (u16, &'static str) {
+        match self {
+            Readiness::Ready => (200, r#"{"status":"ready"}"#),
+            Readiness::Draining => (503, r#"{"status":"draining"}"#),
+            Readiness::Full => (503, r#"{"status":"full"}"#),
+        }
+    }
+}
+
 /// The session table and, once the relay stops, how it stops.
 #[derive(Debug, Default)]
 struct Table {
@@ -58,6 +95,12 @@ pub struct SessionHub {
     conf: RelayConf,
     budget: BufferBudget,
     timers: Timers,
+    metrics: Metrics,
+    admission: Arc<Admission>,
+    /// `POST /drain` until `POST /resume`.
+    draining: AtomicBool,
+    /// Set with `closing` (readable without the table lock).
+    stopping: AtomicBool,
     next_socket_id: AtomicU64,
     /// Attachments alive (sockets between attach and the end of their task).
     sockets: AtomicUsize,
@@ -91,17 +134,38 @@ pub struct Attachment {
     pub id: u64,
     /// The socket's outbound queue.
     pub outbox: Arc<Outbox>,
+    /// Its place in the admission ceilings, given back with the attachment.
+    _ticket: Option<Ticket>,
 }
 
 impl SessionHub {
     /// An empty hub with the given tuning, which must pass [`RelayConf::validate`].
+    /// `max_websockets`, when not set, comes from the process's soft open-file limit now
+    /// (see [`RelayConf::max_websockets_for`]): raise the limit first.
     pub fn new(conf: RelayConf) -> Arc<Self> {
         debug_assert_eq!(conf.validate(), Ok(()));
+        let metrics = Metrics::new();
+        let fd_limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let limits = Limits {
+            max_websockets: conf.max_websockets_for(fd_limit),
+            max_per_ip: conf.max_websockets_per_ip,
+            per_second: conf.upgrades_per_ip_per_second.into(),
+            burst: conf.upgrade_burst_per_ip.into(),
+        };
+        metrics
+            .max_websockets
+            .set(i64::try_from(limits.max_websockets).unwrap_or(i64::MAX));
         Arc::new(SessionHub {
             budget: BufferBudget::new(conf.pending_budget_bytes),
             conf,
             table: Mutex::new(Table::default()),
-            timers: Timers::default(),
+            timers: Timers::new(metrics.nudges.clone(), metrics.resets.clone()),
+            metrics,
+            admission: Admission::new(limits),
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             next_socket_id: AtomicU64::new(1),
             sockets: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
@@ -112,6 +176,52 @@ impl SessionHub {
     /// The relay's nudge/reset timer queue (run by [`crate::ops::TimerService`]).
     pub fn timers(&self) -> &Timers {
         &self.timers
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The WebSocket ceilings and upgrade buckets.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
+    /// What `/ready` answers now. Lock-free.
+    pub fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            Readiness::Draining
+        } else if self.admission.is_full() {
+            Readiness::Full
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    /// Whether new WebSockets are refused for draining: after `POST /drain`, or once the
+    /// relay stops.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire)
+    }
+
+    /// `POST /drain` (`true`) and `POST /resume` (`false`): while draining, new `/ws`
+    /// upgrades get 503 `Relay draining`; open WebSockets are not touched. A stopping relay
+    /// stays draining whatever this says.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    /// The Prometheus text of every metric, with the mirrored gauges (late-daemon bytes,
+    /// ready, draining) read now. Takes no session lock.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.pending_bytes
+            .set(i64::try_from(self.budget.used()).unwrap_or(i64::MAX));
+        let readiness = self.readiness();
+        m.ready.set(i64::from(readiness == Readiness::Ready));
+        m.draining.set(i64::from(readiness == Readiness::Draining));
+        m.render()
     }
 
     /// Marks one HTTP request as in flight until the guard is dropped.
@@ -145,6 +255,7 @@ impl SessionHub {
                 return 0;
             }
             table.closing = Some(closing);
+            self.stopping.store(true, Ordering::Release);
             table.sessions.values().cloned().collect()
         };
         for session in &sessions {
@@ -183,16 +294,19 @@ impl SessionHub {
 
     /// Registers a socket in the session `key` (created if needed) and queues its on-connect
     /// frames. Returns the attachment and whether a nudge timer must start (new client).
+    /// `ticket` (its place in the admission ceilings) is held until the attachment drops.
     ///
     /// # Errors
-    /// Once the relay is stopping ([`SessionHub::close_all`]), returns how it stops and
-    /// registers nothing.
+    /// Registers nothing and returns why: the relay is stopping ([`SessionHub::close_all`]),
+    /// or a control replaced its session's control too often this minute (a warning is
+    /// logged at most once a minute per session).
     pub fn attach(
         self: &Arc<Self>,
         key: SessionKey,
         kind: SocketKind,
         outbox: Arc<Outbox>,
-    ) -> Result<(Attachment, bool), Closing> {
+        ticket: Option<Ticket>,
+    ) -> Result<(Attachment, bool), AttachError> {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
         let peer = Peer {
             id,
@@ -200,12 +314,42 @@ impl SessionHub {
         };
         let mut table = lock(&self.table);
         if let Some(closing) = table.closing {
-            return Err(closing);
+            return Err(AttachError::Stopping(closing));
         }
-        let session = table.sessions.entry(key.clone()).or_default().clone();
-        let nudge = lock(&session).attach(&kind, peer, &self.budget);
+        let mut created = false;
+        let session = table
+            .sessions
+            .entry(key.clone())
+            .or_insert_with(|| {
+                created = true;
+                Arc::default()
+            })
+            .clone();
+        let nudge = {
+            let mut state = lock(&session);
+            if kind == SocketKind::Control {
+                let per_minute = self.conf.control_replacements_per_minute;
+                if let ControlAdmit::Refused { warn } =
+                    state.admit_control(std::time::Instant::now(), per_minute)
+                {
+                    if warn {
+                        log::warn!(
+                            "{}: more than {per_minute} control replacements within a minute; \
+                             refusing new controls 429 for now",
+                            describe_key(&key)
+                        );
+                    }
+                    return Err(AttachError::ControlReplacements);
+                }
+            }
+            state.attach(&kind, peer, &self.budget)
+        };
         self.sockets.fetch_add(1, Ordering::AcqRel);
+        if created {
+            self.metrics.active_sessions.inc();
+        }
         drop(table);
+        self.metrics.active_websockets.get(&kind).inc();
         let attachment = Attachment {
             hub: self.clone(),
             key,
@@ -213,6 +357,7 @@ impl SessionHub {
             kind,
             id,
             outbox,
+            _ticket: ticket,
         };
         Ok((attachment, nudge))
     }
@@ -232,7 +377,15 @@ impl Attachment {
     /// Decides where a data frame from this socket goes; buffers it if its client has no
     /// data socket yet.
     pub fn forward(&self, msg: Message) -> Forward {
-        lock(&self.session).forward(&self.kind, self.id, msg, &self.hub.conf, &self.hub.budget)
+        let hub = &self.hub;
+        lock(&self.session).forward(
+            &self.kind,
+            self.id,
+            msg,
+            &hub.conf,
+            &hub.budget,
+            &hub.metrics,
+        )
     }
 
     /// Removes this socket from its session (cascades of spec §3.9) and drops the session
@@ -251,6 +404,7 @@ impl Attachment {
                 .is_some_and(|s| Arc::ptr_eq(s, &self.session))
         {
             sessions.remove(&self.key);
+            self.hub.metrics.active_sessions.dec();
         }
     }
 
@@ -264,20 +418,22 @@ impl Attachment {
     /// Only the first 8 characters of the serverId are shown (knowing it is enough to pose as
     /// the daemon), and control characters are escaped so that ids cannot forge log lines.
     pub fn describe(&self) -> String {
-        let (version, server_id) = &self.key;
-        let shown: String = server_id.chars().take(8).collect();
-        let more = if shown.len() < server_id.len() {
-            "…"
-        } else {
-            ""
-        };
-        format!(
-            "session {}{more} ({version:?}) {} #{}",
-            shown.escape_debug(),
-            self.kind,
-            self.id
-        )
+        format!("{} {} #{}", describe_key(&self.key), self.kind, self.id)
     }
+}
+
+/// `session <serverId> (<version>)` with only the first 8 characters of the serverId, and
+/// control characters escaped (see [`Attachment::describe`]).
+pub fn describe_key((version, server_id): &SessionKey) -> String {
+    format!("session {} ({version:?})", short_id(server_id))
+}
+
+/// The first 8 characters of an id, escaped, with `…` when cut: how logs show serverIds
+/// and connectionIds (knowing a whole serverId is enough to pose as the daemon).
+pub fn short_id(id: &str) -> String {
+    let shown: String = id.chars().take(8).collect();
+    let more = if shown.len() < id.len() { "…" } else { "" };
+    format!("{}{more}", shown.escape_debug())
 }
 
 impl Drop for Attachment {
@@ -285,6 +441,7 @@ impl Drop for Attachment {
     fn drop(&mut self) {
         self.outbox.shut();
         self.detach();
+        self.hub.metrics.active_websockets.get(&self.kind).dec();
         if self.hub.sockets.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.hub.idle.notify_waiters();
         }
@@ -306,7 +463,7 @@ mod tests {
         let out = Arc::new(Outbox::new(1024).0);
         let key = (Version::V2, "srv_abcdefgh_secret".to_string());
         let (k, _) = hub
-            .attach(key, SocketKind::Client("a\r\n[x]".into()), out)
+            .attach(key, SocketKind::Client("a\r\n[x]".into()), out, None)
             .unwrap();
         assert_eq!(
             k.describe(),
@@ -319,13 +476,14 @@ mod tests {
         let hub = SessionHub::new(RelayConf::default());
         let out = || Arc::new(Outbox::new(1024).0);
         let (c, _) = hub
-            .attach((Version::V2, "S".into()), SocketKind::Control, out())
+            .attach((Version::V2, "S".into()), SocketKind::Control, out(), None)
             .unwrap();
         let (v1, _) = hub
             .attach(
                 (Version::V1, "S".into()),
                 SocketKind::V1(crate::protocol::Role::Server),
                 out(),
+                None,
             )
             .unwrap();
         assert_eq!(hub.session_count(), 2);
@@ -341,6 +499,7 @@ mod tests {
                 (Version::V2, "S".into()),
                 SocketKind::Client("a".into()),
                 out(),
+                None,
             )
             .unwrap();
         assert!(nudge);
@@ -354,17 +513,17 @@ mod tests {
         let hub = SessionHub::new(RelayConf::default());
         let out = || Arc::new(Outbox::new(1024).0);
         let key = || (Version::V2, "S".to_string());
-        let (c, _) = hub.attach(key(), SocketKind::Control, out()).unwrap();
+        let (c, _) = hub.attach(key(), SocketKind::Control, out(), None).unwrap();
         let (k, _) = hub
-            .attach(key(), SocketKind::Client("a".into()), out())
+            .attach(key(), SocketKind::Client("a".into()), out(), None)
             .unwrap();
         let request = hub.request_started();
         assert_eq!(hub.socket_count(), 2);
         assert_eq!(hub.close_all(crate::ops::lifecycle::SHUTTING_DOWN), 2);
         assert!(c.outbox.is_closing() && k.outbox.is_closing());
         assert_eq!(
-            hub.attach(key(), SocketKind::Control, out()).err(),
-            Some(crate::ops::lifecycle::SHUTTING_DOWN)
+            hub.attach(key(), SocketKind::Control, out(), None).err(),
+            Some(AttachError::Stopping(crate::ops::lifecycle::SHUTTING_DOWN))
         );
         // A second close_all (an upgrade after a terminate) changes nothing.
         assert_eq!(hub.close_all(crate::ops::lifecycle::RESTARTING), 0);

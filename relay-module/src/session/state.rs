@@ -4,11 +4,13 @@
 //! sockets' [`Outbox`]es, which never block.
 
 use crate::config::RelayConf;
+use crate::ops::metrics::Metrics;
 use crate::protocol::{close, ControlMessage, Role, SocketKind};
 use crate::session::buffer::{BufferBudget, PendingFrames};
 use crate::socket::outbox::Outbox;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A socket as a session knows it: a process-unique id and its outbound queue.
@@ -50,6 +52,23 @@ pub struct Session {
     control: Option<Peer>,
     data: HashMap<String, Peer>,
     clients: HashMap<String, ClientGroup>,
+    /// When the control was replaced within the last minute, oldest first (at most the
+    /// per-minute limit).
+    control_replacements: VecDeque<Instant>,
+    /// When a refused replacement was last logged.
+    replacement_warned: Option<Instant>,
+}
+
+/// The answer of [`Session::admit_control`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAdmit {
+    /// The newcomer may attach (and replace the current control, if any).
+    Allowed,
+    /// The newcomer is refused 429; `warn`: this is the first refusal logged this minute.
+    Refused {
+        /// Log a warning for this refusal.
+        warn: bool,
+    },
 }
 
 fn text(msg: ControlMessage) -> Message {
@@ -77,6 +96,35 @@ impl Session {
         if let Some(control) = &self.control {
             control.outbox.push_control(text(msg));
         }
+    }
+
+    /// Whether a new control socket may replace the current one at `now`, with at most
+    /// `per_minute` replacements per minute (issue 9 `control_replacements_per_minute`).
+    /// A control that replaces nothing is always allowed; an allowed replacement is
+    /// counted. A refused newcomer leaves the current control in place.
+    pub fn admit_control(&mut self, now: Instant, per_minute: u32) -> ControlAdmit {
+        if self.control.is_none() {
+            return ControlAdmit::Allowed;
+        }
+        let minute = Duration::from_secs(60);
+        while self
+            .control_replacements
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= minute)
+        {
+            self.control_replacements.pop_front();
+        }
+        if self.control_replacements.len() < per_minute as usize {
+            self.control_replacements.push_back(now);
+            return ControlAdmit::Allowed;
+        }
+        let warn = self
+            .replacement_warned
+            .is_none_or(|t| now.saturating_duration_since(t) >= minute);
+        if warn {
+            self.replacement_warned = Some(now);
+        }
+        ControlAdmit::Refused { warn }
     }
 
     /// Registers a socket and queues its on-connect frames (spec §2, §3.3, §3.5). A socket of
@@ -184,6 +232,7 @@ impl Session {
         msg: Message,
         conf: &RelayConf,
         budget: &BufferBudget,
+        metrics: &Metrics,
     ) -> Forward {
         // A v1 socket forwards only while it holds its slot (a replaced one is closing).
         let v1 = |me: &Option<Peer>, other: &Option<Peer>, msg| match (me, other) {
@@ -221,7 +270,10 @@ impl Session {
                     group
                         .pending
                         .push(msg, conf.pending_max_frames, conf.pending_max_bytes);
-                budget.give_back(dropped);
+                budget.give_back(dropped.bytes);
+                if dropped.frames > 0 {
+                    metrics.pending_dropped_frames.inc_by(dropped.frames as u64);
+                }
                 Forward::Buffered
             }
         }
@@ -247,22 +299,28 @@ impl Session {
     }
 
     /// Nudge (spec §3.8, T0+10 s): sends `sync` to the control if `x` still waits.
-    pub fn nudge(&self, x: &str) {
-        if self.waiting_for_data(x) {
+    /// Returns whether a `sync` was queued.
+    pub fn nudge(&self, x: &str) -> bool {
+        if self.waiting_for_data(x) && self.control.is_some() {
             self.notify_control(self.sync_message());
+            return true;
         }
+        false
     }
 
     /// Reset (spec §3.8, T0+15 s): closes the control 1011 `Control unresponsive` if `x`
     /// still waits. The control is removed at once.
-    pub fn reset(&mut self, x: &str) {
+    /// Returns whether a control was closed.
+    pub fn reset(&mut self, x: &str) -> bool {
         if self.waiting_for_data(x) {
             if let Some(control) = self.control.take() {
                 control
                     .outbox
                     .close(close::INTERNAL, close::CONTROL_UNRESPONSIVE);
+                return true;
             }
         }
+        false
     }
 }
 
@@ -381,7 +439,7 @@ mod tests {
             Message::text("f3"),
         ] {
             assert!(matches!(
-                s.forward(&client("a"), 1, m, &conf, &b),
+                s.forward(&client("a"), 1, m, &conf, &b, &Metrics::default()),
                 Forward::Buffered
             ));
         }
@@ -398,7 +456,14 @@ mod tests {
             ]
         );
         assert_eq!(
-            fwd_text(s.forward(&client("a"), 1, Message::text("f4"), &conf, &b)),
+            fwd_text(s.forward(
+                &client("a"),
+                1,
+                Message::text("f4"),
+                &conf,
+                &b,
+                &Metrics::default()
+            )),
             Some((1, "f4".into()))
         );
     }
@@ -417,7 +482,14 @@ mod tests {
         s.attach(&client("a"), k2.peer.clone(), &b);
         s.attach(&data_kind("a"), d.peer.clone(), &b);
         assert_eq!(
-            fwd_text(s.forward(&data_kind("a"), 4, Message::text("m"), &conf, &b)),
+            fwd_text(s.forward(
+                &data_kind("a"),
+                4,
+                Message::text("m"),
+                &conf,
+                &b,
+                &Metrics::default()
+            )),
             Some((2, "m".into()))
         );
         drain(&mut c);
@@ -459,23 +531,48 @@ mod tests {
     }
 
     #[test]
+    fn control_replacements_are_limited_per_minute_and_warned_once() {
+        let (b, mut s) = (BufferBudget::new(1 << 30), Session::default());
+        let t0 = Instant::now();
+        assert_eq!(
+            s.admit_control(t0, 2),
+            ControlAdmit::Allowed,
+            "no control yet"
+        );
+        s.attach(&SocketKind::Control, sock(1).peer, &b);
+        assert_eq!(s.admit_control(t0, 2), ControlAdmit::Allowed);
+        assert_eq!(s.admit_control(t0, 2), ControlAdmit::Allowed);
+        assert_eq!(s.admit_control(t0, 2), ControlAdmit::Refused { warn: true });
+        assert_eq!(
+            s.admit_control(t0 + Duration::from_secs(30), 2),
+            ControlAdmit::Refused { warn: false }
+        );
+        // A minute after the first two replacements, two more are allowed.
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(s.admit_control(t1, 2), ControlAdmit::Allowed);
+        assert_eq!(s.admit_control(t1, 2), ControlAdmit::Allowed);
+        assert_eq!(s.admit_control(t1, 2), ControlAdmit::Refused { warn: true });
+    }
+
+    #[test]
     fn nudge_and_reset_only_while_waiting() {
         let (b, mut s) = (BufferBudget::new(1 << 30), Session::default());
         let mut c = sock(1);
         s.attach(&SocketKind::Control, c.peer.clone(), &b);
         s.attach(&client("a"), sock(2).peer, &b);
         drain(&mut c);
-        s.nudge("a");
+        assert!(s.nudge("a"), "counted as a nudge");
         assert_eq!(drain(&mut c), [r#"{"type":"sync","connectionIds":["a"]}"#]);
         s.attach(&data_kind("a"), sock(3).peer, &b);
-        s.nudge("a");
-        s.reset("a");
+        assert!(!s.nudge("a"));
+        assert!(!s.reset("a"));
         assert!(drain(&mut c).is_empty());
         s.detach(&data_kind("a"), 3, &b);
         s.attach(&client("z"), sock(4).peer, &b);
         drain(&mut c);
-        s.reset("z");
+        assert!(s.reset("z"), "counted as a reset");
         assert_eq!(drain(&mut c), ["close 1011 Control unresponsive"]);
+        assert!(!s.nudge("z"), "no control left to nudge");
     }
 
     #[test]
@@ -489,16 +586,37 @@ mod tests {
         let client = SocketKind::V1(Role::Client);
         s.attach(&client, sock(1).peer, &b);
         assert!(matches!(
-            s.forward(&client, 1, Message::text("early"), &conf, &b),
+            s.forward(
+                &client,
+                1,
+                Message::text("early"),
+                &conf,
+                &b,
+                &Metrics::default()
+            ),
             Forward::Drop
         ));
         s.attach(&server, sock(2).peer, &b);
         assert_eq!(
-            fwd_text(s.forward(&client, 1, Message::text("x"), &conf, &b)),
+            fwd_text(s.forward(
+                &client,
+                1,
+                Message::text("x"),
+                &conf,
+                &b,
+                &Metrics::default()
+            )),
             Some((1, "x".into()))
         );
         assert_eq!(
-            fwd_text(s.forward(&server, 2, Message::text("y"), &conf, &b)),
+            fwd_text(s.forward(
+                &server,
+                2,
+                Message::text("y"),
+                &conf,
+                &b,
+                &Metrics::default()
+            )),
             Some((1, "y".into()))
         );
     }
@@ -512,11 +630,25 @@ mod tests {
         );
         s.attach(&client("a"), sock(1).peer, &b);
         assert!(matches!(
-            s.forward(&client("a"), 1, Message::text("abc"), &conf, &b),
+            s.forward(
+                &client("a"),
+                1,
+                Message::text("abc"),
+                &conf,
+                &b,
+                &Metrics::default()
+            ),
             Forward::Buffered
         ));
         assert!(matches!(
-            s.forward(&client("a"), 1, Message::text("de"), &conf, &b),
+            s.forward(
+                &client("a"),
+                1,
+                Message::text("de"),
+                &conf,
+                &b,
+                &Metrics::default()
+            ),
             Forward::OverBudget
         ));
         s.detach(&client("a"), 1, &b);

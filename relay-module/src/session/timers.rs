@@ -9,6 +9,7 @@
 
 use crate::session::hub::{with_session, SessionCell};
 use log::warn;
+use prometheus::IntCounter;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex, Weak};
@@ -57,19 +58,30 @@ impl Ord for Due {
 pub struct Timers {
     tx: mpsc::UnboundedSender<Due>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Due>>>,
+    nudges: IntCounter,
+    resets: IntCounter,
 }
 
 impl Default for Timers {
+    /// A queue whose counts go nowhere (tests).
     fn default() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Timers {
-            tx,
-            rx: Mutex::new(Some(rx)),
-        }
+        let detached = || IntCounter::new("detached", "not exposed").expect("valid metric");
+        Timers::new(detached(), detached())
     }
 }
 
 impl Timers {
+    /// A queue that counts the nudges it sends in `nudges` and the resets in `resets`.
+    pub fn new(nudges: IntCounter, resets: IntCounter) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Timers {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            nudges,
+            resets,
+        }
+    }
+
     /// Starts the timers for connectionId `x` of `session` (T0 is now): nudge at T0+`nudge`,
     /// reset at T0+`reset`. The timers hold the session weakly: a dropped session is skipped.
     pub fn schedule(
@@ -118,7 +130,7 @@ impl Timers {
                     let now = Instant::now();
                     while heap.peek().is_some_and(|d| d.at <= now) {
                         if let Some(due) = heap.pop() {
-                            fire(due);
+                            self.fire(due);
                         }
                     }
                 }
@@ -148,13 +160,23 @@ async fn stopped(shutdown: &mut Option<watch::Receiver<bool>>) {
     }
 }
 
-fn fire(due: Due) {
-    let Some(session) = due.session.upgrade() else {
-        return;
-    };
-    match due.step {
-        Step::Nudge => with_session(&session, |s| s.nudge(&due.x)),
-        Step::Reset => with_session(&session, |s| s.reset(&due.x)),
+impl Timers {
+    fn fire(&self, due: Due) {
+        let Some(session) = due.session.upgrade() else {
+            return;
+        };
+        match due.step {
+            Step::Nudge => {
+                if with_session(&session, |s| s.nudge(&due.x)) {
+                    self.nudges.inc();
+                }
+            }
+            Step::Reset => {
+                if with_session(&session, |s| s.reset(&due.x)) {
+                    self.resets.inc();
+                }
+            }
+        }
     }
 }
 
