@@ -584,6 +584,46 @@ mod tests {
     }
 
     #[test]
+    fn admin_listen_layers_and_errors() {
+        assert_eq!(
+            resolve(Flags::default(), &env_of(&[]))
+                .unwrap()
+                .admin_listen,
+            None
+        );
+        let path = file("admin_listen: \":9091\"\n");
+        let with_file = |admin: Option<&str>| Flags {
+            admin_listen: admin.map(str::to_string),
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let env = [("PASEO_ADMIN_LISTEN", "127.0.0.1:9092")];
+        let pick = |flags, env: &[(&str, &str)]| resolve(flags, &env_of(env)).unwrap().admin_listen;
+        assert_eq!(
+            pick(with_file(Some("127.0.0.1:9093")), &env),
+            Some("127.0.0.1:9093".into())
+        );
+        assert_eq!(pick(with_file(None), &env), Some("127.0.0.1:9092".into()));
+        assert_eq!(pick(with_file(None), &[]), Some("0.0.0.0:9091".into()));
+        let admin = |a: &str| Flags {
+            admin_listen: Some(a.to_string()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            err(admin("tls://127.0.0.1:9"), &[]),
+            "--admin-listen tls://127.0.0.1:9: the admin listener is plain HTTP only"
+        );
+        assert_eq!(
+            err(admin("0.0.0.0:8080"), &[]),
+            "--admin-listen 0.0.0.0:8080: also a relay listen address"
+        );
+        assert_eq!(
+            err(Flags::default(), &[("PASEO_ADMIN_LISTEN", "nowhere")]),
+            "PASEO_ADMIN_LISTEN nowhere: not an IP:port address (invalid socket address syntax)"
+        );
+    }
+
+    #[test]
     fn config_path_from_the_environment_and_go_relay_files() {
         let path = file(
             "listen: \":9000\"\nlog_level: \"info\"\ntls:\n  enabled: false\n  cert: \"\"\n  key: \"\"\n",

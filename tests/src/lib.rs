@@ -200,7 +200,30 @@ impl Endpoint {
         read_response(&mut tcp).await
     }
 
-    /// `GET path` with the given extra header lines (each ending in `\r\n`).
+    /// A `/ws?QUERY` upgrade request with the given extra header lines (each ending in
+    /// `\r\n`), for the answers to refused upgrades (a 101 is returned as-is too).
+    pub async fn upgrade_raw(&self, query: &str, headers: &str) -> HttpResponse {
+        let req = format!(
+            "GET /ws?{query} HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
+        );
+        self.raw_http(req.as_bytes()).await
+    }
+
+    /// `POST path` with an empty body.
+    pub async fn post(&self, path: &str) -> HttpResponse {
+        let req = format!("POST {path} HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\n\r\n");
+        self.raw_http(req.as_bytes()).await
+    }
+
+    /// `GET /metrics` on this endpoint (an admin listener): the Prometheus text.
+    pub async fn scrape(&self) -> String {
+        let resp = self.get("/metrics", "").await;
+        assert_eq!(resp.status, 200, "scrape: {}", resp.body);
+        resp.body
+    }
+
     pub async fn get(&self, path: &str, headers: &str) -> HttpResponse {
         let req = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n{headers}\r\n");
         self.raw_http(req.as_bytes()).await
@@ -383,6 +406,15 @@ pub fn control_json(text: &str) -> (String, Vec<String>) {
     };
     ids.sort();
     (kind, ids)
+}
+
+/// The value of one series (`name` or `name{labels}` exactly as the text format writes
+/// it) in a Prometheus scrape; `None` when absent.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
 }
 
 /// A unique serverId for one test.
