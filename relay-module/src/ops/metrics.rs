@@ -23,6 +23,9 @@ use prometheus::{
 /// `Content-Type` of [`Metrics::render`]'s output (Prometheus text format).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
+/// The close codes the relay sends (spec §0, §3.9): exposed at 0 before the first close.
+pub const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1007, 1008, 1009, 1011, 1012, 1013];
+
 /// The kind label of a socket: `control`, `data`, `client` or `v1`.
 pub fn kind_label(kind: &SocketKind) -> &'static str {
     match kind {
@@ -154,8 +157,10 @@ pub struct Metrics {
     /// `paseo_relay_websockets_accepted_total{kind}`: 101s written.
     pub websockets_accepted: PerKind<IntCounter>,
     rejections: [IntCounter; 6],
-    /// `paseo_relay_closes_total{code}`: close frames the relay sends, by code.
+    /// `paseo_relay_closes_total{code}`: close frames the relay sends, by code. The codes
+    /// of [`CLOSE_CODES`] are exposed from the start (at 0) and counted without a lookup.
     pub closes: IntCounterVec,
+    known_closes: [IntCounter; CLOSE_CODES.len()],
     /// `paseo_relay_frames_forwarded_total`: data messages forwarded (one per message,
     /// however fragmented; a fan-out counts once).
     pub frames_forwarded: IntCounter,
@@ -271,6 +276,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let closes = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "paseo_relay_closes_total",
+                    "Close frames the relay sent, by close code",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+        );
         let m = Metrics {
             active_websockets: per_kind(|k| active.with_label_values(&[k])),
             active_sessions: gauge(
@@ -310,17 +326,8 @@ impl Metrics {
             ),
             websockets_accepted: per_kind(|k| accepted.with_label_values(&[k])),
             rejections: Rejection::ALL.map(|r| rejections.with_label_values(&[r.label()])),
-            closes: registered(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "paseo_relay_closes_total",
-                        "Close frames the relay sent, by close code",
-                    ),
-                    &["code"],
-                )
-                .expect("valid metric"),
-            ),
+            closes: closes.clone(),
+            known_closes: CLOSE_CODES.map(|c| closes.with_label_values(&[&c.to_string()])),
             frames_forwarded: counter(
                 &r,
                 "paseo_relay_frames_forwarded_total",
@@ -412,9 +419,13 @@ impl Metrics {
     }
 
     /// Counts one close frame sent with `code`.
-    /// Not on the per-frame path: a close happens once per socket.
+    /// The codes of [`CLOSE_CODES`] cost an atomic add; another code (an echo of a peer's
+    /// own) a label lookup, once per socket at most.
     pub fn close_sent(&self, code: u16) {
-        self.closes.with_label_values(&[&code.to_string()]).inc();
+        match CLOSE_CODES.iter().position(|c| *c == code) {
+            Some(i) => self.known_closes[i].inc(),
+            None => self.closes.with_label_values(&[&code.to_string()]).inc(),
+        }
     }
 
     /// Counts one proxied request of `route` answered with `status`.
@@ -451,6 +462,7 @@ mod tests {
             .get(&SocketKind::Data("x".into()))
             .inc();
         m.close_sent(1001);
+        m.close_sent(4000);
         m.proxied("/api", 502);
         let text = m.render();
         for line in [
@@ -460,7 +472,9 @@ mod tests {
             "paseo_relay_connection_rejections_total{reason=\"replacement\"} 0",
             "paseo_relay_http_requests_total{handler=\"not_found\"} 0",
             "paseo_relay_closes_total{code=\"1001\"} 1",
+            "paseo_relay_closes_total{code=\"1013\"} 0",
             "paseo_relay_proxied_requests_total{class=\"5xx\",route=\"/api\"} 1",
+            "paseo_relay_closes_total{code=\"4000\"} 1",
             "paseo_relay_frame_size_bytes_count 0",
             "paseo_relay_send_wait_seconds_bucket{le=\"30\"} 0",
             "paseo_relay_ready 0",
