@@ -80,7 +80,13 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
                 2 * pairs
             );
             sleep(settle).await;
-            mem_status(pid)
+            match &p.scrape_url {
+                Some(u) => match time_scrapes(u).await {
+                    Ok(times) => mem_status(pid).map(|m| (m, Some(times))),
+                    Err(e) => Err(e),
+                },
+                None => mem_status(pid).map(|m| (m, None)),
+            }
         }
         Err(e) => Err(e),
     };
@@ -100,7 +106,7 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
     if let Ok(shared) = Arc::try_unwrap(shared) {
         futures_util::future::join_all(shared.controls.into_iter().map(Control::close)).await;
     }
-    let open = measured?;
+    let (open, scrapes) = measured?;
     sleep(settle).await;
     let after = mem_status(pid)?;
 
@@ -132,7 +138,58 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
         .set("close_s", close_s)
         .set("rss_after_close_kb", after.rss_kb)
         .set("rss_hwm_kb", after.hwm_kb);
+    if let Some(s) = scrapes {
+        r.set("scrape_ms_p50", s.p50_ms)
+            .set("scrape_ms_max", s.max_ms)
+            .set("scrape_bytes", s.bytes);
+    }
     Ok(r)
+}
+
+/// Times of [`SCRAPES`] sequential scrapes.
+struct ScrapeTimes {
+    p50_ms: f64,
+    max_ms: f64,
+    bytes: usize,
+}
+
+/// Scrapes timed while every socket is open.
+const SCRAPES: usize = 10;
+
+/// `GET`s `url` [`SCRAPES`] times, each on a new connection, and times the whole answer.
+async fn time_scrapes(url: &str) -> Result<ScrapeTimes> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (authority, path) = crate::params::parse_http_url(url)?;
+    let io = |e: std::io::Error| BenchError::Io(format!("scrape {url}: {e}"));
+    let mut times = Vec::with_capacity(SCRAPES);
+    let mut bytes = 0;
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        let body = timeout(WAIT_TIMEOUT, async {
+            let mut tcp = tokio::net::TcpStream::connect(&authority).await?;
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+            tcp.write_all(req.as_bytes()).await?;
+            let mut all = Vec::new();
+            tcp.read_to_end(&mut all).await?;
+            Ok::<_, std::io::Error>(all)
+        })
+        .await
+        .map_err(|_| BenchError::Io(format!("scrape {url}: no answer within {WAIT_TIMEOUT:?}")))?
+        .map_err(io)?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        if !body.starts_with(b"HTTP/1.1 200") {
+            let head = String::from_utf8_lossy(&body[..body.len().min(40)]).to_string();
+            return Err(BenchError::Io(format!("scrape {url}: {head}")));
+        }
+        bytes = body.len();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(ScrapeTimes {
+        p50_ms: times[SCRAPES / 2],
+        max_ms: times[SCRAPES - 1],
+        bytes,
+    })
 }
 
 /// Waits until `pairs` pairs report open (a line on stderr every second); the first

@@ -10,7 +10,8 @@
 //!
 //! Workloads: [`run_echo`] (messages per second, round-trip latency, CPU per message),
 //! [`run_idle`] (RSS per idle socket), [`run_large`] (1-32 MiB messages), [`run_baseline`]
-//! (the `echo` load through [`baseline::Forwarder`]) and [`run_plot`] (latency against load).
+//! (the `echo` load through [`baseline::Forwarder`]), [`run_compare`] (two relays side by side,
+//! fresh per run, medians and ratios) and [`run_plot`] (latency against load).
 //! Each returns [`Record`]s, printed as a table or as JSON lines by the binary.
 //!
 //! Units are in names: `_us` µs, `_ms` ms, `_s` s, `_kb` kB (1024 bytes, as /proc), `_bytes`,
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod baseline;
+pub mod compare;
 pub mod driver;
 pub mod echo;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod report;
 pub mod v2;
 
 pub use baseline::run_baseline;
+pub use compare::{run_compare, CompareParams};
 pub use echo::run_echo;
 pub use error::{BenchError, Result};
 pub use idle::run_idle;

@@ -4,7 +4,8 @@
 
 use clap::{Parser, Subcommand};
 use relay_bench::{
-    procfs, table, BaselineParams, EchoParams, IdleParams, LargeParams, PlotParams, Record,
+    procfs, table, BaselineParams, CompareParams, EchoParams, IdleParams, LargeParams, PlotParams,
+    Record,
 };
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     Baseline(BaselineParams),
     /// Latency percentiles against load, as a PNG, from echo/baseline JSON lines.
     Plot(PlotParams),
+    /// Two relay commands side by side, fresh per run, alternating: medians and ratios.
+    Compare(CompareParams),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
             Command::Large(p) => relay_bench::run_large(p).await,
             Command::Baseline(p) => relay_bench::run_baseline(p).await.map(|r| vec![r]),
             Command::Plot(p) => relay_bench::run_plot(p).map(|r| vec![r]),
+            Command::Compare(p) => relay_bench::run_compare(p).await,
         }
     });
     match result {

@@ -136,6 +136,10 @@ pub struct IdleParams {
     /// Pause before each RSS reading, s.
     #[arg(long, default_value_t = 2)]
     pub settle: u64,
+    /// While every socket is open, time 10 `GET`s of this URL (the relay's admin
+    /// `/metrics`, e.g. `http://127.0.0.1:9180/metrics`; loopback only).
+    #[arg(long)]
+    pub scrape_url: Option<String>,
 }
 
 impl IdleParams {
@@ -232,6 +236,26 @@ pub struct RelayUrl {
     base: String,
 }
 
+/// An `http://` URL on this machine (the relay's admin listener): `(host:port, path)`.
+pub fn parse_http_url(url: &str) -> Result<(String, String)> {
+    let bad = |why: &str| BenchError::Invalid(format!("--scrape-url {url:?}: {why}"));
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("only http:// URLs are supported"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
+        return Err(bad("no user info"));
+    }
+    let host = host_of(authority).ok_or_else(|| bad("malformed host or port"))?;
+    if !is_loopback_host(host) || !authority.contains(':') {
+        return Err(bad(
+            "the host must be loopback (127.0.0.0/8, [::1] or localhost) with a port",
+        ));
+    }
+    let path = if path.is_empty() { "/" } else { path };
+    Ok((authority.to_string(), path.to_string()))
+}
+
 impl RelayUrl {
     /// Parses and checks `url`; anything that is not loopback is refused.
     pub fn parse(url: &str) -> Result<RelayUrl> {
@@ -316,6 +340,26 @@ mod tests {
             u.socket("serverId=s&role=server&v=2"),
             "ws://127.0.0.1:8080/ws?serverId=s&role=server&v=2"
         );
+    }
+
+    #[test]
+    fn scrape_urls_are_loopback_http_with_a_port() {
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:9180/metrics").unwrap(),
+            ("127.0.0.1:9180".to_string(), "/metrics".to_string())
+        );
+        assert_eq!(
+            parse_http_url("http://[::1]:9").unwrap(),
+            ("[::1]:9".to_string(), "/".to_string())
+        );
+        for bad in [
+            "http://10.0.0.1:9180/metrics",
+            "https://127.0.0.1:9180/metrics",
+            "http://127.0.0.1/metrics",
+            "http://u@127.0.0.1:9/metrics",
+        ] {
+            assert!(parse_http_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

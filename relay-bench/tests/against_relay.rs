@@ -138,8 +138,11 @@ async fn workloads_report_exact_structure_against_the_real_relay() {
         pairs_per_server: 4,
         concurrency: 5,
         settle: 0,
+        scrape_url: Some(format!("http://{}/metrics", relay.admin.addr)),
     };
     let r = run_idle(&idle).await.expect("idle");
+    assert!(real(&r, "scrape_ms_max") >= real(&r, "scrape_ms_p50"));
+    assert!(count(&r, "scrape_bytes") > 1000, "a whole scrape was read");
     assert_eq!(count(&r, "pairs"), 10);
     assert_eq!(count(&r, "controls"), 3);
     assert_eq!(count(&r, "sockets_total"), 23);
