@@ -453,6 +453,7 @@ mod tests {
             pairs_per_server: 100,
             concurrency: 200,
             settle: 2,
+            scrape_url: None,
         };
         assert_eq!(p.controls(), 10);
         assert!(p.validate().is_ok());
