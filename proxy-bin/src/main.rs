@@ -7,6 +7,7 @@
 //! Signals: SIGTERM graceful stop (1001 to every WebSocket), SIGQUIT hand-over to a process
 //! started with `--upgrade` (1012), SIGINT fast stop, SIGHUP TLS certificate reload.
 
+mod logging;
 mod settings;
 
 use clap::Parser;
@@ -23,7 +24,8 @@ use settings::{Flags, Settings};
     version,
     about = "Self-hosted Paseo relay on Pingora",
     after_help = "Priority: flags > environment (PASEO_LISTEN, PASEO_TLS_CERT, PASEO_TLS_KEY, \
-                  PASEO_LOG_LEVEL, PASEO_ADMIN_LISTEN, PASEO_CONFIG) > config file > defaults.\n\
+                  PASEO_LOG_LEVEL, PASEO_LOG_FORMAT, PASEO_ADMIN_LISTEN, PASEO_CONFIG) > config \
+                  file > defaults.\n\
                   Signals: SIGTERM graceful stop, SIGQUIT hand-over to an --upgrade process, \
                   SIGINT fast stop, SIGHUP TLS certificate reload."
 )]
@@ -48,6 +50,10 @@ struct Cli {
     /// [env: PASEO_LOG_LEVEL] [default: info]
     #[arg(long = "log-level", value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Log format: text (env_logger's) or json (one object per line, for Loki or journald);
+    /// lines are cut at 1 KiB [env: PASEO_LOG_FORMAT] [default: text]
+    #[arg(long = "log-format", value_name = "FORMAT")]
+    log_format: Option<String>,
     /// Admin listener (plain HTTP: /metrics, /health, /ready, POST /drain, POST /resume):
     /// HOST:PORT or :PORT; keep it off the Internet [env: PASEO_ADMIN_LISTEN] [default: none]
     #[arg(long = "admin-listen", value_name = "ADDR")]
@@ -120,6 +126,7 @@ fn main() {
         tls_cert: cli.tls_cert,
         tls_key: cli.tls_key,
         log_level: cli.log_level,
+        log_format: cli.log_format,
         admin_listen: cli.admin_listen,
         config: cli.pingora.conf.clone(),
     };
@@ -127,13 +134,15 @@ fn main() {
     let Settings {
         listeners,
         log_level,
+        log_format,
         admin_listen,
         mut server,
         relay,
+        http,
         router,
         config_path,
     } = settings::resolve(flags, &|var| std::env::var(var).ok()).unwrap_or_else(|e| fail(e));
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&log_level)).init();
+    logging::init(log_format, &log_level);
     if cli.pingora.test {
         eprintln!(
             "paseo-relay: configuration is valid ({})",
@@ -179,6 +188,7 @@ fn main() {
         router,
         &listeners,
         admin_listen.as_deref(),
+        &http,
         &life,
     );
     let shown: Vec<String> = listeners

@@ -7,18 +7,21 @@
 //! | `--tls-cert PATH` | `PASEO_TLS_CERT` | `tls.cert` | none |
 //! | `--tls-key PATH` | `PASEO_TLS_KEY` | `tls.key` | none |
 //! | `--log-level LEVEL` | `PASEO_LOG_LEVEL` | `log_level` | `info` |
+//! | `--log-format FORMAT` | `PASEO_LOG_FORMAT` | `log_format` | `text` |
 //! | `--admin-listen ADDR` | `PASEO_ADMIN_LISTEN` | `admin_listen` | none |
 //! | `-c/--conf/--config PATH` | `PASEO_CONFIG` | - | none |
 //!
-//! The YAML file also holds Pingora's `ServerConf` keys at the top level and the relay's
-//! tuning under `relay:`. A Go-relay file (`listen`, `log_level`, `tls.enabled`, `tls.cert`,
+//! The YAML file also holds Pingora's `ServerConf` keys at the top level, the relay's
+//! tuning under `relay:` and the HTTP deadlines under `http:`. A Go-relay file (`listen`, `log_level`, `tls.enabled`, `tls.cert`,
 //! `tls.key`) works unchanged; empty strings count as unset, as in the Go relay. TLS is on
 //! when a certificate and a key are both set.
 //!
 //! Every error is one line naming where the value came from (flag, variable or file and
 //! key) and what is wrong; the binary prints it and exits 1 before serving.
 
+use crate::logging::LogFormat;
 use pingora::server::configuration::ServerConf;
+use relay_module::config::HttpConf;
 use relay_module::{CertStore, Listener, RelayConf, RouteConf, Router};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
@@ -49,6 +52,8 @@ pub struct Flags {
     pub tls_key: Option<String>,
     /// `--log-level`.
     pub log_level: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
     /// `--admin-listen`.
     pub admin_listen: Option<String>,
     /// `-c/--conf/--config`.
@@ -61,12 +66,16 @@ pub struct Settings {
     pub listeners: Vec<Listener>,
     /// Log level for env_logger (`RUST_LOG`, if set, still wins).
     pub log_level: String,
+    /// How log records are written (`text` or `json`).
+    pub log_format: LogFormat,
     /// The admin listener's `IP:port` (plain HTTP), if any.
     pub admin_listen: Option<String>,
     /// Pingora's settings, with our defaults where nothing set them.
     pub server: ServerConf,
     /// The relay's tuning (`relay:`), validated.
     pub relay: RelayConf,
+    /// The HTTP deadlines (`http:`), validated.
+    pub http: HttpConf,
     /// `routes:` and `trusted_proxies:`, built (peers resolved).
     pub router: Router,
     /// The configuration file read, if any.
@@ -97,9 +106,11 @@ struct TlsFile {
 struct FileConf {
     listen: Option<Vec<String>>,
     log_level: Option<String>,
+    log_format: Option<String>,
     admin_listen: Option<String>,
     tls: TlsFile,
     relay: RelayConf,
+    http: HttpConf,
     routes: Vec<RouteConf>,
     trusted_proxies: Vec<String>,
     server: ServerConf,
@@ -199,6 +210,13 @@ fn read_file(path: &str) -> Result<FileConf, String> {
                     _ => return Err(format!("{path}: log_level: expected a string")),
                 }
             }
+            "log_format" => {
+                file.log_format = match value {
+                    Value::Null => None,
+                    Value::String(s) => non_empty(Some(s)),
+                    _ => return Err(format!("{path}: log_format: expected a string")),
+                }
+            }
             "admin_listen" => {
                 file.admin_listen = match value {
                     Value::Null => None,
@@ -208,6 +226,7 @@ fn read_file(path: &str) -> Result<FileConf, String> {
             }
             "tls" => file.tls = section(value).map_err(|e| format!("{path}: tls: {e}"))?,
             "relay" => file.relay = section(value).map_err(|e| format!("{path}: relay: {e}"))?,
+            "http" => file.http = section(value).map_err(|e| format!("{path}: http: {e}"))?,
             "routes" => {
                 let items = match value {
                     Value::Null => vec![],
@@ -247,6 +266,7 @@ fn read_file(path: &str) -> Result<FileConf, String> {
     file.server =
         serde_yaml::from_value(Value::Mapping(server)).map_err(|e| format!("{path}: {e}"))?;
     file.relay.validate().map_err(|e| format!("{path}: {e}"))?;
+    file.http.validate().map_err(|e| format!("{path}: {e}"))?;
     Ok(file)
 }
 
@@ -449,6 +469,25 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
         }
     };
 
+    // log format
+    let format = pick(
+        flags.log_format,
+        "--log-format",
+        env,
+        "PASEO_LOG_FORMAT",
+        file.log_format,
+        in_file("log_format"),
+    );
+    let log_format = match format {
+        None => LogFormat::Text,
+        Some(f) => LogFormat::parse(&f.value).ok_or_else(|| {
+            format!(
+                "{}: unknown log format `{}` (expected text or json)",
+                f.from, f.value
+            )
+        })?,
+    };
+
     // Pingora's settings: ours where the file is silent.
     let mut server = file.server;
     let set = |k: &str| file.server_keys.contains(k);
@@ -492,9 +531,11 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
     Ok(Settings {
         listeners,
         log_level,
+        log_format,
         admin_listen,
         server,
         relay: file.relay,
+        http: file.http,
         router,
         config_path,
     })
@@ -584,6 +625,24 @@ mod tests {
     }
 
     #[test]
+    fn http_deadlines_from_the_file() {
+        let s = resolve(Flags::default(), &env_of(&[])).unwrap();
+        assert_eq!(s.http, HttpConf::default());
+        let path = file("http:\n  request_head_timeout_ms: 1500\n  keepalive_timeout_ms: 2500\n");
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let s = resolve(flags, &env_of(&[])).unwrap();
+        let want = HttpConf {
+            request_head_timeout_ms: 1500,
+            keepalive_timeout_ms: 2500,
+            ..HttpConf::default()
+        };
+        assert_eq!(s.http, want);
+    }
+
+    #[test]
     fn admin_listen_layers_and_errors() {
         assert_eq!(
             resolve(Flags::default(), &env_of(&[]))
@@ -620,6 +679,39 @@ mod tests {
         assert_eq!(
             err(Flags::default(), &[("PASEO_ADMIN_LISTEN", "nowhere")]),
             "PASEO_ADMIN_LISTEN nowhere: not an IP:port address (invalid socket address syntax)"
+        );
+    }
+
+    #[test]
+    fn log_format_layers_and_errors() {
+        let path = file("log_format: json\n");
+        let flags = |format: Option<&str>| Flags {
+            log_format: format.map(str::to_string),
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let format = |flags, env: &[(&str, &str)]| resolve(flags, &env_of(env)).unwrap().log_format;
+        let env = [("PASEO_LOG_FORMAT", "text")];
+        assert_eq!(format(flags(None), &[]), LogFormat::Json);
+        assert_eq!(format(flags(None), &env), LogFormat::Text);
+        assert_eq!(format(flags(Some("JSON")), &env), LogFormat::Json);
+        assert_eq!(format(Flags::default(), &[]), LogFormat::Text);
+        assert_eq!(
+            err(Flags::default(), &[("PASEO_LOG_FORMAT", "xml")]),
+            "PASEO_LOG_FORMAT: unknown log format `xml` (expected text or json)"
+        );
+        assert_eq!(
+            err(flags(Some("logfmt")), &[]),
+            "--log-format: unknown log format `logfmt` (expected text or json)"
+        );
+        let bad = file("log_format: 1\n");
+        let flags = Flags {
+            config: Some(bad.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            err(flags, &[]),
+            format!("{bad}: log_format: expected a string")
         );
     }
 
@@ -714,6 +806,23 @@ mod tests {
             (
                 "relay:\n  ping_interval_ms: 0\n",
                 "relay.ping_interval_ms: must be greater than 0",
+            ),
+            (
+                "http:\n  request_head_timeout_ms: 0\n",
+                "http.request_head_timeout_ms: must be greater than 0",
+            ),
+            (
+                "http:\n  keepalive_timeout_ms: 2592000001\n",
+                "http.keepalive_timeout_ms: must be at most 2592000000 ms (30 days)",
+            ),
+            (
+                "http:\n  tls_handshake_timeout_ms: 0\n",
+                "http.tls_handshake_timeout_ms: must be greater than 0",
+            ),
+            (
+                "http:\n  request_timeout_ms: 1\n",
+                "http: unknown field `request_timeout_ms`, expected one of \
+                 `request_head_timeout_ms`, `keepalive_timeout_ms`, `tls_handshake_timeout_ms`",
             ),
             ("- a\n", "expected `key: value` lines at the top level"),
             ("threads: 0\n", "threads: must be greater than 0"),

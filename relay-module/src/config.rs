@@ -225,6 +225,103 @@ impl RelayConf {
     }
 }
 
+/// HTTP deadlines (`http:`, issue 9) of every connection: relay paths, routes and the admin
+/// listener. An expiry is counted in `paseo_relay_request_timeouts_total` and logged at
+/// debug; see [`crate::http::front`]. Durations in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConf {
+    /// A request head (request line and headers) must arrive whole within this, counted
+    /// from the accept for a connection's first request and from the first byte for a later
+    /// one; otherwise `408 Request timeout` and the connection is closed. Default 10 000 ms.
+    pub request_head_timeout_ms: u64,
+    /// An idle keep-alive connection between two requests is closed (without an answer)
+    /// after this. Default 60 000 ms.
+    pub keepalive_timeout_ms: u64,
+    /// A TLS handshake not finished this long after the accept is dropped. Default 10 000 ms.
+    pub tls_handshake_timeout_ms: u64,
+}
+
+impl Default for HttpConf {
+    fn default() -> Self {
+        HttpConf {
+            request_head_timeout_ms: 10_000,
+            keepalive_timeout_ms: 60_000,
+            tls_handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl HttpConf {
+    /// Checks each deadline: greater than 0 and at most 30 days; the error names `http.KEY`.
+    pub fn validate(&self) -> Result<(), String> {
+        let durations = [
+            ("request_head_timeout_ms", self.request_head_timeout_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+        ];
+        for (key, ms) in durations {
+            if ms == 0 {
+                return Err(format!("http.{key}: must be greater than 0"));
+            }
+            if ms > MAX_DURATION_MS {
+                return Err(format!(
+                    "http.{key}: must be at most {MAX_DURATION_MS} ms (30 days)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::request_head_timeout_ms`] as a `Duration`.
+    pub fn request_head_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_head_timeout_ms)
+    }
+    /// [`Self::keepalive_timeout_ms`] as a `Duration`.
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_timeout_ms)
+    }
+    /// [`Self::tls_handshake_timeout_ms`] as a `Duration`.
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod http_conf_tests {
+    use super::*;
+
+    #[test]
+    fn http_deadlines_default_and_limits() {
+        let c = HttpConf::default();
+        assert_eq!(c.request_head_timeout(), Duration::from_secs(10));
+        assert_eq!(c.keepalive_timeout(), Duration::from_secs(60));
+        assert_eq!(c.tls_handshake_timeout(), Duration::from_secs(10));
+        assert_eq!(c.validate(), Ok(()));
+        let zero = HttpConf {
+            keepalive_timeout_ms: 0,
+            ..HttpConf::default()
+        };
+        assert_eq!(
+            zero.validate(),
+            Err("http.keepalive_timeout_ms: must be greater than 0".into())
+        );
+        let long = HttpConf {
+            tls_handshake_timeout_ms: MAX_DURATION_MS + 1,
+            ..HttpConf::default()
+        };
+        assert_eq!(
+            long.validate(),
+            Err("http.tls_handshake_timeout_ms: must be at most 2592000000 ms (30 days)".into())
+        );
+        let most = HttpConf {
+            request_head_timeout_ms: MAX_DURATION_MS,
+            ..HttpConf::default()
+        };
+        assert_eq!(most.validate(), Ok(()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

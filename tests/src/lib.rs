@@ -7,6 +7,7 @@ pub mod upstream;
 use futures_util::{SinkExt, StreamExt};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use relay_module::config::HttpConf;
 use relay_module::{add_relay, Lifecycle, Listener, RelayConf, Router, SessionHub};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -82,6 +83,12 @@ impl TestRelay {
     /// Starts a relay with `conf` and `router` (routes to upstreams, trusted proxies) and
     /// waits until it accepts connections.
     pub async fn start_routed(conf: RelayConf, router: Router) -> TestRelay {
+        Self::start_with_http(conf, router, HttpConf::default()).await
+    }
+
+    /// Starts a relay with `conf`, `router` and the HTTP deadlines `http`, and waits until
+    /// it accepts connections.
+    pub async fn start_with_http(conf: RelayConf, router: Router, http: HttpConf) -> TestRelay {
         init_log();
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -112,6 +119,7 @@ impl TestRelay {
             router,
             &listeners,
             Some(&admin.to_string()),
+            &http,
             &Lifecycle::new(false),
         );
         let thread = std::thread::spawn(move || {

@@ -13,14 +13,15 @@
 //! Another method on these paths gets 405 with an `Allow` header; any other path 404
 //! `Not found`. JSON answers are `application/json`.
 
-use crate::http::service::{respond, HEALTH_BODY, JSON, NOT_FOUND_BODY, TEXT_PLAIN};
+use crate::config::HttpConf;
+use crate::http::front::{Deadlines, Front};
+use crate::http::service::{respond, tcp_listener, HEALTH_BODY, JSON, NOT_FOUND_BODY, TEXT_PLAIN};
 use crate::ops::metrics::{Handler, CONTENT_TYPE};
 use crate::session::hub::SessionHub;
 use async_trait::async_trait;
 use log::{debug, info};
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{http_proxy_service_with_name, HttpProxy, ProxyHttp, Session};
+use pingora::proxy::{http_proxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
 use pingora::{Error, ErrorType, Result};
@@ -148,16 +149,18 @@ impl ProxyHttp for AdminProxy {
     }
 }
 
-/// The Pingora service of the admin listener on `addr` (plain HTTP).
+/// The Pingora service of the admin listener on `addr` (plain HTTP), behind the deadlines
+/// of `http` like the relay's listeners.
 pub fn admin_service(
     server_conf: &Arc<ServerConf>,
     hub: Arc<SessionHub>,
     addr: &str,
-) -> Service<HttpProxy<AdminProxy>> {
-    let mut service =
-        http_proxy_service_with_name(server_conf, AdminProxy { hub }, "paseo-relay admin");
-    service.add_listener(
-        ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered()),
-    );
+    http: &HttpConf,
+) -> Service<Front<AdminProxy>> {
+    let deadlines = Deadlines::new(http, hub.metrics().request_timeouts.clone());
+    let proxy = http_proxy(server_conf, AdminProxy { hub });
+    let front = Front::new(proxy, None, deadlines);
+    let mut service = Service::new("paseo-relay admin".to_string(), front);
+    service.add_listener(tcp_listener(addr));
     service
 }

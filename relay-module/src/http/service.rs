@@ -10,16 +10,18 @@
 //! Pingora's handling of the request.
 //!
 //! [`add_relay`] puts the whole relay into a Pingora `Server`: this HTTP service on every
-//! [`Listener`] (plain or TLS) plus the background services for timers, the shutdown drain
-//! and the SIGHUP certificate reload.
+//! [`Listener`] (plain or TLS, behind the HTTP deadlines of [`crate::http::front`]) plus the
+//! background services for timers, the shutdown drain and the SIGHUP certificate reload.
 
+use crate::config::HttpConf;
 use crate::http::admin::admin_service;
+use crate::http::front::{Deadlines, Front};
 use crate::http::handshake::{self, HandshakeError};
 use crate::http::params;
 use crate::http::routes::{Route, Router};
 use crate::ops::lifecycle::{DrainService, Lifecycle};
 use crate::ops::metrics::{Handler, Rejection};
-use crate::ops::tls::{CertStore, PlainHttpGuard, ReloadService};
+use crate::ops::tls::{CertStore, ReloadService};
 use crate::ops::TimerService;
 use crate::protocol::{assign_connection_id, SocketKind};
 use crate::session::admission::{DRAINING, RETRY_AFTER_SECONDS, TOO_MANY_REPLACEMENTS};
@@ -34,7 +36,7 @@ use pingora::http::ResponseHeader;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::{http_proxy_service_with_name, FailToProxy, HttpProxy, ProxyHttp, Session};
+use pingora::proxy::{http_proxy, FailToProxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -133,63 +135,95 @@ impl Listener {
     }
 }
 
-/// Builds the Pingora HTTP service that serves the relay on every listener. All listeners
-/// share `hub`, so a daemon on a plain LAN listener and an app on a TLS one pair up.
-/// Alone it runs no timers, drain or reload: use [`add_relay`], which adds those services.
+/// Builds the Pingora HTTP services that serve the relay on `listeners`, behind the
+/// deadlines of `http` ([`Front`]): one service for the plain listeners and one per
+/// certificate store for the TLS ones (a Pingora service has one app for all its
+/// listeners). All share `hub`, so a daemon on a plain LAN listener and an app on a TLS one
+/// pair up. Alone they run no timers, drain or reload: use [`add_relay`], which adds those.
 pub fn relay_service(
     server_conf: &Arc<ServerConf>,
     hub: Arc<SessionHub>,
     router: Arc<Router>,
     listeners: &[Listener],
-) -> Service<HttpProxy<RelayProxy>> {
-    let mut service =
-        http_proxy_service_with_name(server_conf, RelayProxy::new(hub, router), "paseo-relay");
-    if listeners.iter().any(|l| l.tls.is_some()) {
-        service
-            .endpoints()
-            .set_pre_tls_callback(Arc::new(PlainHttpGuard));
-    }
+    http: &HttpConf,
+) -> Vec<Service<Front<RelayProxy>>> {
+    let deadlines = Deadlines::new(http, hub.metrics().request_timeouts.clone());
+    // Listeners grouped by certificate store (`None`: plain), in order of appearance.
+    let mut groups: Vec<(Option<Arc<CertStore>>, Vec<&Listener>)> = Vec::new();
     for listener in listeners {
-        // No L4 buffers: Pingora's defaults (64 KiB read, 1460 B write, allocated per connection)
-        // would be most of an idle socket's memory; HTTP and tungstenite buffer on their own.
-        let mut endpoint =
-            ListenerConfig::tcp(listener.addr.clone()).l4_buffer(L4BufferSettings::unbuffered());
-        if let Some(store) = &listener.tls {
-            endpoint = endpoint.tls(store.tls_settings());
+        let same = |store: &Option<Arc<CertStore>>| match (store, &listener.tls) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        match groups.iter_mut().find(|(store, _)| same(store)) {
+            Some((_, group)) => group.push(listener),
+            None => groups.push((listener.tls.clone(), vec![listener])),
         }
-        service.add_listener(endpoint);
     }
-    service
+    let mut tls_services = 0;
+    let mut services = Vec::new();
+    for (store, group) in groups {
+        let name = match &store {
+            None => "paseo-relay".to_string(),
+            Some(_) => {
+                tls_services += 1;
+                match tls_services {
+                    1 => "paseo-relay tls".to_string(),
+                    n => format!("paseo-relay tls {n}"),
+                }
+            }
+        };
+        let proxy = http_proxy(server_conf, RelayProxy::new(hub.clone(), router.clone()));
+        let tls = store.as_ref().map(|store| store.tls_settings());
+        let mut service = Service::new(name, Front::new(proxy, tls, deadlines.clone()));
+        for listener in group {
+            service.add_listener(tcp_listener(&listener.addr));
+        }
+        services.push(service);
+    }
+    services
+}
+
+/// A plain TCP listener on `addr` (TLS, if any, is [`Front`]'s).
+pub(crate) fn tcp_listener(addr: &str) -> ListenerConfig {
+    // No L4 buffers: Pingora's defaults (64 KiB read, 1460 B write, allocated per connection)
+    // would be most of an idle socket's memory; HTTP and tungstenite buffer on their own.
+    ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::unbuffered())
 }
 
 /// Adds the relay to `server`: the HTTP service on `listeners` (relay paths, and `router`
 /// for every other path), the admin service on `admin` if given (see [`crate::http::admin`])
 /// and the background services that run the nudge timers, the drain
 /// on graceful shutdown (see [`crate::ops::lifecycle`]), the SIGHUP reload of the TLS
-/// certificate and the routes' health checks. Call before `run`; nothing starts before it
-/// (so `-d` daemon mode works). Pass `RelaySignals(life)` to `Server::run` so the drain
-/// knows an upgrade from a terminate.
+/// certificate and the routes' health checks. Every listener, the admin's too, applies the
+/// deadlines of `http`. Call before `run`; nothing starts before it (so `-d` daemon mode
+/// works). Pass `RelaySignals(life)` to `Server::run` so the drain knows an upgrade from a
+/// terminate.
 pub fn add_relay(
     server: &mut Server,
     hub: &Arc<SessionHub>,
     router: Router,
     listeners: &[Listener],
     admin: Option<&str>,
+    http: &HttpConf,
     life: &Arc<Lifecycle>,
 ) {
     if let Some(addr) = admin {
-        server.add_service(admin_service(&server.configuration, hub.clone(), addr));
+        let admin = admin_service(&server.configuration, hub.clone(), addr, http);
+        server.add_service(admin);
     }
     for health_check in router.health_services() {
         server.add_service(health_check);
     }
-    let http = relay_service(
+    for service in relay_service(
         &server.configuration,
         hub.clone(),
         Arc::new(router),
         listeners,
-    );
-    server.add_service(http);
+        http,
+    ) {
+        server.add_service(service);
+    }
     server.add_service(background_service(
         "relay timers",
         TimerService(hub.clone()),

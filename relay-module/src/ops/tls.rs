@@ -1,31 +1,34 @@
 //! TLS for the relay's listeners (relay-protocol.md §0 "Shutdown and upgrade", SIGHUP):
 //! the certificate store every TLS listener resolves from, its reload on SIGHUP, and the
-//! answer to plain HTTP sent to a TLS port. Pingora (rustls) does the handshakes.
+//! answer to plain HTTP sent to a TLS port. Pingora's rustls acceptor does the handshakes.
 //!
 //! - [`CertStore`] holds the current certificate chain and key, loaded from two PEM files.
 //!   A reload swaps them for new handshakes only; established sockets are untouched, and a
 //!   bad new pair leaves the old one in place.
 //! - [`ReloadService`] is a Pingora background service that reloads on SIGHUP (and logs and
 //!   ignores SIGHUP when no listener uses TLS).
-//! - [`PlainHttpGuard`] runs before each TLS handshake: a connection that starts with an
-//!   HTTP request instead of a TLS record gets a `400` telling it to use TLS, and the one log
-//!   line Pingora writes for the failed handshake names the cause.
+//! - `accept` runs the handshake of each TLS connection (for [`crate::http::front`]) under
+//!   `http.tls_handshake_timeout_ms`: a connection that starts with an HTTP request instead
+//!   of a TLS record gets a `400` telling it to use TLS, and the one log line for the failed
+//!   handshake names the cause.
 
 use async_trait::async_trait;
-use log::{error, info};
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::PreTlsProcess;
+use log::{debug, error, info};
+use pingora::listeners::tls::{Acceptor, TlsSettings};
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{Peek, ALPN};
+use pingora::protocols::tls::TlsStream;
+use pingora::protocols::{GetSocketDigest, Peek, ALPN};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
 use pingora::{Error, ErrorType, Result};
+use prometheus::IntCounter;
 use std::io::BufReader;
 use std::sync::{Arc, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
 /// Body of the `400` sent to plain HTTP on a TLS listener.
 pub const PLAIN_HTTP_BODY: &str =
@@ -168,43 +171,75 @@ impl ReloadService {
     }
 }
 
-/// Runs before each TLS handshake and answers plain HTTP (`ws://` to a `wss://` port) with
-/// `400` and [`PLAIN_HTTP_BODY`], instead of a TLS alert the client cannot read.
-pub struct PlainHttpGuard;
+/// Reason logged for plain HTTP on a TLS listener.
+const PLAIN_HTTP_REASON: &str =
+    "plain HTTP on a TLS listener: the client must use TLS (Paseo daemon: useTls)";
 
-#[async_trait]
-impl PreTlsProcess for PlainHttpGuard {
-    async fn process(&self, stream: &mut L4Stream) -> Result<()> {
-        let mut first = [0u8; 1];
-        // An error here (peer gone) is left to the TLS handshake to report.
-        if !matches!(stream.try_peek(&mut first).await, Ok(true)) {
-            return Ok(());
+/// The TLS handshake of a connection accepted on a TLS listener, finished by `deadline`
+/// (`http.tls_handshake_timeout_ms` after the accept). Plain HTTP (`ws://` to a `wss://`
+/// port) gets `400` and [`PLAIN_HTTP_BODY`] instead of a TLS alert the client cannot read.
+/// `None` when the connection is done: answered, failed (one error line naming the peer,
+/// as Pingora logs it) or out of time (counted in `expired`, logged at debug).
+pub(crate) async fn accept(
+    acceptor: &Acceptor,
+    mut l4: L4Stream,
+    deadline: Instant,
+    expired: &IntCounter,
+) -> Option<TlsStream<L4Stream>> {
+    let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
+    let out_of_time = || {
+        expired.inc();
+        match &peer {
+            Some(addr) => debug!("TLS handshake from {addr} not finished in time: dropped"),
+            None => debug!("TLS handshake not finished in time: dropped"),
         }
-        // A TLS connection starts with a handshake record (0x16); HTTP with a method name.
-        if !first[0].is_ascii_uppercase() {
-            return Ok(());
+        None
+    };
+    let failure = match tokio::time::timeout_at(deadline, starts_with_http(&mut l4)).await {
+        Err(_) => return out_of_time(),
+        Ok(true) => {
+            refuse_plain_http(&mut l4).await;
+            Error::explain(ErrorType::TLSHandshakeFailure, PLAIN_HTTP_REASON)
         }
-        let response = format!(
-            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
-            PLAIN_HTTP_BODY.len()
-        );
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
-        // Read what the client sent (briefly, a little), so that closing the socket with
-        // unread input does not turn into a reset that could destroy the answer.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            let mut scratch = [0u8; 1024];
-            for _ in 0..64 {
-                if matches!(stream.read(&mut scratch).await, Ok(0) | Err(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
-        Error::e_explain(
-            ErrorType::TLSHandshakeFailure,
-            "plain HTTP on a TLS listener: the client must use TLS (Paseo daemon: useTls)",
-        )
+        Ok(false) => match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
+            Err(_) => return out_of_time(),
+            Ok(Ok(tls)) => return Some(tls),
+            Ok(Err(e)) => e,
+        },
+    };
+    match &peer {
+        Some(addr) => error!("Downstream handshake error from {addr}: {failure}"),
+        None => error!("Downstream handshake error: {failure}"),
     }
+    None
+}
+
+/// Whether the connection starts with an HTTP request rather than a TLS record (0x16);
+/// waits for its first byte, which stays unread.
+async fn starts_with_http(stream: &mut L4Stream) -> bool {
+    let mut first = [0u8; 1];
+    // An error here (peer gone) is left to the TLS handshake to report.
+    matches!(stream.try_peek(&mut first).await, Ok(true)) && first[0].is_ascii_uppercase()
+}
+
+/// Answers plain HTTP with `400` and [`PLAIN_HTTP_BODY`] and closes the write side.
+async fn refuse_plain_http(stream: &mut L4Stream) {
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{PLAIN_HTTP_BODY}",
+        PLAIN_HTTP_BODY.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Read what the client sent (briefly, a little), so that closing the socket with
+    // unread input does not turn into a reset that could destroy the answer.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut scratch = [0u8; 1024];
+        for _ in 0..64 {
+            if matches!(stream.read(&mut scratch).await, Ok(0) | Err(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
