@@ -162,5 +162,7 @@ pub fn admin_service(
     let front = Front::new(proxy, None, deadlines);
     let mut service = Service::new("paseo-relay admin".to_string(), front);
     service.add_listener(tcp_listener(addr));
+    // Scrapes and probes are rare and short: one worker thread, not one per CPU.
+    service.threads = Some(1);
     service
 }
