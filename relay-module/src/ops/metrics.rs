@@ -116,6 +116,36 @@ impl Handler {
     }
 }
 
+/// Why a cluster node could not tunnel a `/ws` to its owner
+/// (`paseo_relay_cluster_forward_failures_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardFailure {
+    /// The owner refused the connection or did not answer in time: the next node on the
+    /// ring is tried.
+    Connect,
+    /// The owner answered without a 101 (its answer is passed on to the client).
+    Status,
+    /// No other node was left to try: the entry node serves it (or refuses it, draining).
+    NoNode,
+}
+
+impl ForwardFailure {
+    const ALL: [ForwardFailure; 3] = [
+        ForwardFailure::Connect,
+        ForwardFailure::Status,
+        ForwardFailure::NoNode,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ForwardFailure::Connect => "connect",
+            ForwardFailure::Status => "status",
+            ForwardFailure::NoNode => "no_node",
+        }
+    }
+}
+
 /// One series per socket kind, in [`kind_label`] order: control, data, client, v1.
 #[derive(Debug, Clone)]
 pub struct PerKind<T>([T; 4]);
@@ -161,10 +191,14 @@ pub struct Metrics {
     /// of [`CLOSE_CODES`] are exposed from the start (at 0) and counted without a lookup.
     pub closes: IntCounterVec,
     known_closes: [IntCounter; CLOSE_CODES.len()],
-    /// `paseo_relay_frames_forwarded_total`: data messages forwarded (one per message,
-    /// however fragmented; a fan-out counts once).
+    /// `paseo_relay_frames_forwarded_total`: data messages the relay accepted for
+    /// forwarding: routed to a destination (one, or several in a fan-out, which counts
+    /// once) or kept in a late-daemon buffer. One per message however fragmented; counted
+    /// when routed, not when written (a destination that closes meanwhile does not uncount
+    /// it); messages dropped for want of a peer or refused by the buffer budget are not.
     pub frames_forwarded: IntCounter,
-    /// `paseo_relay_bytes_forwarded_total`: payload bytes of those messages.
+    /// `paseo_relay_bytes_forwarded_total`: payload bytes of those messages (once per
+    /// message, like the count).
     pub bytes_forwarded: IntCounter,
     /// `paseo_relay_pending_dropped_frames_total`: late-daemon frames dropped (oldest first).
     pub pending_dropped_frames: IntCounter,
@@ -184,11 +218,20 @@ pub struct Metrics {
     /// `paseo_relay_proxied_requests_total{route,class}`: proxied requests by route prefix
     /// and status class (`2xx` .. `5xx`).
     pub proxied_requests: IntCounterVec,
-    /// `paseo_relay_frame_size_bytes`: sizes of forwarded data messages.
+    /// `paseo_relay_frame_size_bytes`: sizes of forwarded data messages (the same
+    /// messages as `frames_forwarded`).
     pub frame_size: Histogram,
     /// `paseo_relay_send_wait_seconds`: how long a sender waited for room in a full
     /// destination queue.
     pub send_wait: Histogram,
+    /// `paseo_relay_cluster_nodes_up`: cluster nodes up in this node's view, itself
+    /// included (0 without `cluster:`).
+    pub cluster_nodes_up: IntGauge,
+    /// `paseo_relay_cluster_tunnels`: WebSockets this node tunnels to their owner.
+    pub cluster_tunnels: IntGauge,
+    /// `paseo_relay_cluster_owner_moves_total`: sessions closed 1012 `Session owner moved`.
+    pub cluster_owner_moves: IntCounter,
+    forward_failures: [IntCounter; 3],
 }
 
 fn registered<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -284,6 +327,17 @@ impl Metrics {
                     "Close frames the relay sent, by close code",
                 ),
                 &["code"],
+            )
+            .expect("valid metric"),
+        );
+        let forward_failures = registered(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "paseo_relay_cluster_forward_failures_total",
+                    "/ws requests this node could not tunnel to their owner, by reason",
+                ),
+                &["reason"],
             )
             .expect("valid metric"),
         );
@@ -392,6 +446,23 @@ impl Metrics {
                 "Time a sender waited for room in a full destination queue",
                 vec![0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
             ),
+            cluster_nodes_up: gauge(
+                &r,
+                "paseo_relay_cluster_nodes_up",
+                "Cluster nodes up in this node's view, itself included",
+            ),
+            cluster_tunnels: gauge(
+                &r,
+                "paseo_relay_cluster_tunnels",
+                "WebSockets this node tunnels to the node that owns their serverId",
+            ),
+            cluster_owner_moves: counter(
+                &r,
+                "paseo_relay_cluster_owner_moves_total",
+                "Sessions closed 1012 Session owner moved (their serverId belongs elsewhere)",
+            ),
+            forward_failures: ForwardFailure::ALL
+                .map(|f| forward_failures.with_label_values(&[f.label()])),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -410,6 +481,15 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         &self.rejections[i]
+    }
+
+    /// The cluster forward failure counter for `reason`.
+    pub fn forward_failed(&self, reason: ForwardFailure) -> &IntCounter {
+        let i = ForwardFailure::ALL
+            .iter()
+            .position(|f| *f == reason)
+            .unwrap_or(0);
+        &self.forward_failures[i]
     }
 
     /// The request counter for `handler`.
@@ -478,6 +558,10 @@ mod tests {
             "paseo_relay_frame_size_bytes_count 0",
             "paseo_relay_send_wait_seconds_bucket{le=\"30\"} 0",
             "paseo_relay_ready 0",
+            "paseo_relay_cluster_nodes_up 0",
+            "paseo_relay_cluster_tunnels 0",
+            "paseo_relay_cluster_owner_moves_total 0",
+            "paseo_relay_cluster_forward_failures_total{reason=\"no_node\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -20,6 +20,7 @@ use crate::session::buffer::BufferBudget;
 use crate::session::state::ControlAdmit;
 use crate::session::timers::Timers;
 use crate::session::{Forward, Peer, Session};
+use crate::socket::ingress::IngressBudget;
 use crate::socket::outbox::Outbox;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -94,6 +95,8 @@ pub struct SessionHub {
     table: Mutex<Table>,
     conf: RelayConf,
     budget: BufferBudget,
+    /// Bytes of partly received messages across all sockets (`relay.ingress_budget_bytes`).
+    ingress: Arc<IngressBudget>,
     timers: Timers,
     metrics: Metrics,
     admission: Arc<Admission>,
@@ -159,6 +162,7 @@ impl SessionHub {
             .set(i64::try_from(limits.max_websockets).unwrap_or(i64::MAX));
         Arc::new(SessionHub {
             budget: BufferBudget::new(conf.pending_budget_bytes),
+            ingress: IngressBudget::new(conf.ingress_budget_bytes, conf.slow_consumer_timeout()),
             conf,
             table: Mutex::new(Table::default()),
             timers: Timers::new(metrics.nudges.clone(), metrics.resets.clone()),
@@ -181,6 +185,11 @@ impl SessionHub {
     /// The relay's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The ingress budget every socket's reader reserves from.
+    pub fn ingress(&self) -> &Arc<IngressBudget> {
+        &self.ingress
     }
 
     /// The WebSocket ceilings and upgrade buckets.
@@ -218,6 +227,8 @@ impl SessionHub {
         let m = &self.metrics;
         m.pending_bytes
             .set(i64::try_from(self.budget.used()).unwrap_or(i64::MAX));
+        m.ingress_reserved_bytes
+            .set(i64::try_from(self.ingress.reserved()).unwrap_or(i64::MAX));
         let readiness = self.readiness();
         m.ready.set(i64::from(readiness == Readiness::Ready));
         m.draining.set(i64::from(readiness == Readiness::Draining));
@@ -264,6 +275,29 @@ impl SessionHub {
         self.socket_count()
     }
 
+    /// Closes every socket of each session that `select` picks with `closing`, after the
+    /// frames already queued to it (see [`Session::close_all`]), without stopping the relay:
+    /// cluster ownership moves (1012 `Session owner moved`). `select` runs under the table
+    /// lock, so it must be quick and must not touch the hub. Returns the keys of the
+    /// sessions that had a socket not yet closing.
+    pub fn close_sessions(
+        &self,
+        mut select: impl FnMut(&SessionKey) -> bool,
+        closing: Closing,
+    ) -> Vec<SessionKey> {
+        let picked: Vec<(SessionKey, Arc<SessionCell>)> = lock(&self.table)
+            .sessions
+            .iter()
+            .filter(|(key, _)| select(key))
+            .map(|(key, session)| (key.clone(), session.clone()))
+            .collect();
+        picked
+            .into_iter()
+            .filter(|(_, session)| lock(session).close_all(closing.code, closing.reason) > 0)
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     /// Completes once no socket is attached and no HTTP request is in flight.
     pub async fn idle(&self) {
         loop {
@@ -308,6 +342,8 @@ impl SessionHub {
         ticket: Option<Ticket>,
     ) -> Result<(Attachment, bool), AttachError> {
         let id = self.next_socket_id.fetch_add(1, Ordering::Relaxed);
+        // Before anyone can queue to it (the late-daemon flush at attach included).
+        outbox.bind_metrics(&self.metrics);
         let peer = Peer {
             id,
             outbox: outbox.clone(),
@@ -411,6 +447,11 @@ impl Attachment {
     /// The relay's tuning.
     pub fn conf(&self) -> &RelayConf {
         &self.hub.conf
+    }
+
+    /// The hub the socket is attached to (metrics, ingress budget).
+    pub fn hub(&self) -> &Arc<SessionHub> {
+        &self.hub
     }
 
     /// `session <serverId> (<version>) <kind> #<id>`, for logs.

@@ -282,7 +282,9 @@ impl Session {
     /// Closes every socket of the session with `code`/`reason` after the frames already
     /// queued to it (graceful shutdown and upgrade, spec §0 "Shutdown and upgrade"). The
     /// sockets detach as they end; their cascades find them closing and add nothing.
-    pub fn close_all(&self, code: u16, reason: &'static str) {
+    /// Returns how many sockets were not closing yet (those already closing keep their
+    /// close).
+    pub fn close_all(&self, code: u16, reason: &'static str) -> usize {
         let clients = self.clients.values().flat_map(|g| g.sockets.iter());
         self.v1_server
             .iter()
@@ -290,7 +292,9 @@ impl Session {
             .chain(&self.control)
             .chain(self.data.values())
             .chain(clients)
-            .for_each(|peer| peer.outbox.close_in_order(code, reason));
+            .filter(|peer| !peer.outbox.is_closing())
+            .map(|peer| peer.outbox.close_in_order(code, reason))
+            .count()
     }
 
     /// Whether `x` has a client and no data socket: the condition of both nudge steps.

@@ -13,10 +13,16 @@
 //! RFC 6455 pings are answered by tungstenite; peer closes are echoed. A relay-initiated
 //! close waits at most `close_grace_ms` for the peer's reply. When the reader ends, the
 //! writer is stopped and the socket is detached from its session.
+//!
+//! Every byte in either direction passes [`Activity`]: inbound, the frame headers reserve
+//! partly received messages in the ingress budget ([`crate::socket::ingress`]); outbound,
+//! the headers show which frame is the close the relay sends (its own, or tungstenite's
+//! echo of the peer's), counted in `paseo_relay_closes_total` and in the socket's close line.
 
-use crate::protocol::{close, is_json_ping, ControlMessage, SocketKind};
-use crate::session::hub::Attachment;
+use crate::protocol::{close, is_json_ping, ControlMessage, Role, SocketKind, Version};
+use crate::session::hub::{short_id, Attachment, SessionHub};
 use crate::session::Forward;
+use crate::socket::ingress::{FrameCursor, Ingress, Refusal, Step};
 use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -24,7 +30,7 @@ use futures_util::{SinkExt, StreamExt};
 use log::{debug, info, warn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -55,13 +61,24 @@ const READAHEAD_BYTES: usize = 16 << 10;
 /// tungstenite write buffer target, in bytes; a flush always writes everything.
 const WRITE_BUFFER_BYTES: usize = 64 << 10;
 
+/// Largest payload of a close frame the relay sends (RFC 6455 §5.5: 125 bytes).
+const MAX_CLOSE_PAYLOAD: usize = 125;
+/// The code `paseo_relay_closes_total` counts a close frame without a status code under
+/// (RFC 6455 §7.4.1: 1005, "no status code was present").
+const NO_STATUS_CODE: u16 = 1005;
+
+/// The largest message on a socket of `kind` (spec §0: 64 KiB on a control socket).
+fn message_limit(kind: &SocketKind, conf: &crate::RelayConf) -> usize {
+    match kind {
+        SocketKind::Control => conf.max_control_message_bytes,
+        _ => conf.max_message_bytes,
+    }
+}
+
 /// tungstenite settings for a socket of `kind`: message limits of spec §0 (64 KiB on a
 /// control socket), never unmasked client frames.
 pub fn ws_config(kind: &SocketKind, conf: &crate::RelayConf) -> WebSocketConfig {
-    let max = match kind {
-        SocketKind::Control => conf.max_control_message_bytes,
-        _ => conf.max_message_bytes,
-    };
+    let max = message_limit(kind, conf);
     // What the writer can legitimately have buffered: one batch plus one largest message,
     // plus room for a large `sync` and a few pongs. Beyond it tungstenite refuses to buffer.
     let max_write_buffer =
@@ -84,12 +101,12 @@ where
     // Borrowed from the attachment, not copied: each copy would live in every socket's task.
     let conf = att.conf();
     let config = ws_config(&att.kind, conf);
-    let (stream, io) = Activity::new(stream);
+    // The pipelined bytes go through the ingress tracker like every later byte.
+    let (stream, io) = Activity::new(stream, preread, att.hub(), message_limit(&att.kind, conf));
     // Boxed, like the end of the socket below: one-off steps whose state would otherwise be
     // reserved in the task for the socket's whole life (idle memory, spec §0 targets).
-    let ws = Box::pin(WebSocketStream::from_partially_read(
+    let ws = Box::pin(WebSocketStream::from_raw_socket(
         stream,
-        preread,
         WsRole::Server,
         Some(config),
     ))
@@ -103,7 +120,7 @@ where
         conf.ping_interval(),
         conf.slow_consumer_timeout(),
     ));
-    let (stream, end) = read_loop(stream, &mut writer, &att, conf, &io).await;
+    let (stream, end, received) = read_loop(stream, &mut writer, &att, conf, &io).await;
     // Senders still waiting for room in this socket's queue give up at once, and the
     // session's cascades run now, not after the goodbye below.
     att.outbox.shut();
@@ -121,21 +138,149 @@ where
         }
         ReadEnd::Drop => writer.abort(),
     }
-    info!("{}: closed", att.describe());
+    // What is still queued will never be written.
+    att.outbox.settle();
+    log_closed(&att, &io, &received);
+}
+
+/// What the reader saw of the peer: its data messages and its close frame.
+#[derive(Debug, Default)]
+struct Received {
+    msgs: u64,
+    bytes: u64,
+    /// The peer's close: its code (none in an empty close frame) and reason.
+    close: Option<Box<(Option<u16>, String)>>,
+}
+
+/// `1000 "reason"`, `none` (no close frame), or `no code` (an empty close frame).
+fn describe_close(close: Option<&(Option<u16>, String)>) -> String {
+    match close {
+        None => "none".to_string(),
+        Some((None, _)) => "no code".to_string(),
+        Some((Some(code), reason)) => format!("{code} \"{}\"", reason.escape_debug()),
+    }
+}
+
+/// The one info line of a socket that ended: who it was, the closes both ways, how long it
+/// lived and the traffic each way (never payload). Also as key-value fields for a
+/// structured log formatter: `kind`, `version`, `server_id`, `connection_id`,
+/// `close_sent_code`, `close_sent_reason`, `close_received_code`, `close_received_reason`,
+/// `duration_ms`, `in_msgs`, `in_bytes`, `out_msgs`, `out_bytes` (ids cut to 8 characters
+/// and escaped; reasons escaped; a code or reason that does not exist is null).
+fn log_closed(att: &Attachment, io: &IoClock, received: &Received) {
+    let (version, server_id) = att.key();
+    let (kind, connection_id) = match &att.kind {
+        SocketKind::Control => ("control", None),
+        SocketKind::Data(x) => ("data", Some(short_id(x))),
+        SocketKind::Client(x) => ("client", Some(short_id(x))),
+        SocketKind::V1(Role::Server) => ("v1 server", None),
+        SocketKind::V1(Role::Client) => ("v1 client", None),
+    };
+    let version_label = match version {
+        Version::V1 => "v1",
+        Version::V2 => "v2",
+    };
+    let server_id = short_id(server_id);
+    let sent = io.sent_close.get().map(|b| &**b);
+    let got = received.close.as_deref();
+    let reason = |c: Option<&(Option<u16>, String)>| c.map(|(_, r)| r.escape_debug().to_string());
+    let (sent_reason, got_reason) = (reason(sent), reason(got));
+    let duration_ms = io.base.elapsed().as_millis() as u64;
+    let (out_msgs, out_bytes) = (
+        io.out_msgs.load(Ordering::Relaxed),
+        io.out_bytes.load(Ordering::Relaxed),
+    );
+    info!(
+        kind = kind,
+        version = version_label,
+        server_id = server_id.as_str(),
+        connection_id = connection_id.as_deref(),
+        close_sent_code = sent.and_then(|c| c.0),
+        close_sent_reason = sent_reason.as_deref(),
+        close_received_code = got.and_then(|c| c.0),
+        close_received_reason = got_reason.as_deref(),
+        duration_ms = duration_ms,
+        in_msgs = received.msgs,
+        in_bytes = received.bytes,
+        out_msgs = out_msgs,
+        out_bytes = out_bytes;
+        "session {server_id} ({version:?}) {kind}{}{} closed: sent {}, received {}, {duration_ms} ms, \
+         in {} msgs {} B, out {out_msgs} msgs {out_bytes} B",
+        if connection_id.is_some() { " " } else { "" },
+        connection_id.as_deref().unwrap_or(""),
+        describe_close(sent),
+        describe_close(got),
+        received.msgs,
+        received.bytes,
+    );
 }
 
 /// Wraps a socket's stream and records when bytes last moved in each direction: any inbound
 /// bytes (including the frames of a message still being reassembled) count as life for the
 /// ping timeout, and outbound progress tells a slow reader from a stuck one (spec §0).
+/// Inbound bytes reach tungstenite only as the ingress budget admits them; outbound frame
+/// headers are followed to find the close frame.
 struct Activity<S> {
     inner: S,
     io: Arc<IoClock>,
     /// The last write found the send buffer full.
     write_blocked: bool,
-    /// Read-ahead while a large message streams in; `None` on an idle socket.
+    /// Read-ahead while a large message streams in (or bytes the budget has not admitted
+    /// yet, or the bytes pipelined behind the request head); `None` on an idle socket.
     ahead: Option<ReadAhead>,
     /// The last direct read filled the caller's whole buffer: read ahead next time.
     streaming: bool,
+    ingress: Ingress,
+    egress: Egress,
+}
+
+/// Follows the frames the relay writes, to catch its close frame.
+#[derive(Debug, Default)]
+struct Egress {
+    frames: FrameCursor,
+    /// The payload of a close frame being written.
+    close: Option<Box<Vec<u8>>>,
+}
+
+impl Egress {
+    /// `bytes` were accepted by the socket, in order.
+    fn written(&mut self, bytes: &[u8], io: &IoClock) {
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let rest = &bytes[pos..];
+            match self.frames.peek(rest) {
+                Step::Payload(n) => {
+                    if let Some(close) = &mut self.close {
+                        let room = MAX_CLOSE_PAYLOAD.saturating_sub(close.len());
+                        close.extend_from_slice(&rest[..n.min(room)]);
+                    }
+                    pos += n;
+                    if self.frames.pass(n) {
+                        self.frame_ended(io);
+                    }
+                }
+                Step::Partial(n) => {
+                    self.frames.keep(&rest[..n]);
+                    pos += n;
+                }
+                Step::Header(h, k) => {
+                    pos += k;
+                    if h.opcode == 0x8 {
+                        self.close = Some(Box::default());
+                    }
+                    if self.frames.commit(&h) {
+                        self.frame_ended(io);
+                    }
+                }
+            }
+        }
+    }
+
+    fn frame_ended(&mut self, io: &IoClock) {
+        if let Some(payload) = self.close.take() {
+            io.close_written(&payload);
+        }
+    }
 }
 
 /// Bytes read from the socket and not yet handed to tungstenite: `buf[pos..len]`.
@@ -147,9 +292,9 @@ struct ReadAhead {
     drained: bool,
 }
 
-/// Milliseconds from `base` to the last read that returned bytes, the last write that
-/// accepted some, and the last write that completed after the socket's send buffer had been
-/// full (proof that the peer is taking data).
+/// Milliseconds from `base` (when the socket started) to the last read that returned bytes,
+/// the last write that accepted some, and the last write that completed after the socket's
+/// send buffer had been full (proof that the peer is taking data); and what was sent.
 struct IoClock {
     base: Instant,
     last_read_ms: AtomicU64,
@@ -157,9 +302,26 @@ struct IoClock {
     last_drain_ms: AtomicU64,
     /// The last write found the send buffer full (the peer is not taking data).
     write_blocked: std::sync::atomic::AtomicBool,
+    /// Data and control messages written, and their payload bytes.
+    out_msgs: AtomicU64,
+    out_bytes: AtomicU64,
+    /// The close frame the relay wrote (there is at most one): code and reason.
+    sent_close: OnceLock<Box<(Option<u16>, String)>>,
+    hub: Arc<SessionHub>,
 }
 
 impl IoClock {
+    /// The socket accepted the last byte of a close frame with `payload`.
+    fn close_written(&self, payload: &[u8]) {
+        let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+        if self.sent_close.set(Box::new((code, reason))).is_ok() {
+            self.hub
+                .metrics()
+                .close_sent(code.unwrap_or(NO_STATUS_CODE));
+        }
+    }
+
     fn at(&self, ms: &AtomicU64) -> Instant {
         self.base + Duration::from_millis(ms.load(Ordering::Relaxed))
     }
@@ -181,24 +343,61 @@ impl IoClock {
 }
 
 impl<S> Activity<S> {
-    fn new(inner: S) -> (Self, Arc<IoClock>) {
+    /// Wraps `inner`, whose first bytes are `preread` (read behind the request head); its
+    /// messages are at most `limit` bytes, reserved in `hub`'s ingress budget.
+    fn new(
+        inner: S,
+        preread: Vec<u8>,
+        hub: &Arc<SessionHub>,
+        limit: usize,
+    ) -> (Self, Arc<IoClock>) {
         let io = Arc::new(IoClock {
             base: Instant::now(),
             last_read_ms: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
             last_drain_ms: AtomicU64::new(0),
             write_blocked: std::sync::atomic::AtomicBool::new(false),
+            out_msgs: AtomicU64::new(0),
+            out_bytes: AtomicU64::new(0),
+            sent_close: OnceLock::new(),
+            hub: hub.clone(),
+        });
+        let ahead = (!preread.is_empty()).then(|| ReadAhead {
+            len: preread.len(),
+            buf: preread.into_boxed_slice(),
+            pos: 0,
+            drained: true,
         });
         (
             Activity {
                 inner,
                 io: io.clone(),
                 write_blocked: false,
-                ahead: None,
+                ahead,
                 streaming: false,
+                ingress: Ingress::new(hub.ingress().clone(), limit),
+                egress: Egress::default(),
             },
             io,
         )
+    }
+
+    /// The reader is done with frames (the socket is ending): later bytes are only drained,
+    /// never held back by the ingress budget, and the reservation goes back.
+    fn stop_ingress(&mut self) {
+        self.ingress.stop();
+    }
+}
+
+impl ReadAhead {
+    /// A buffer holding exactly `bytes`, freed once they are consumed.
+    fn holding(bytes: &[u8]) -> ReadAhead {
+        ReadAhead {
+            buf: bytes.into(),
+            pos: 0,
+            len: bytes.len(),
+            drained: true,
+        }
     }
 }
 
@@ -228,6 +427,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
                 // tungstenite asks for a whole buffer only while a frame is incomplete;
                 // small requests (the tail of its buffer) say nothing about streaming.
                 this.streaming = wanted >= READ_BUFFER_BYTES && got == wanted;
+                let admitted = this.ingress.admit(&buf.filled()[before..], cx);
+                if !matches!(admitted, Poll::Ready(Ok(n)) if n == got) {
+                    // The budget holds some of these bytes back: keep them for later.
+                    let n = match admitted {
+                        Poll::Ready(Ok(n)) => n,
+                        _ => 0,
+                    };
+                    this.ahead = Some(ReadAhead::holding(&buf.filled()[before + n..]));
+                    buf.set_filled(before + n);
+                    return admitted.map_ok(|_| ());
+                }
             }
             return res;
         };
@@ -257,6 +467,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
             }
         }
         let n = (ahead.len - ahead.pos).min(buf.remaining());
+        let n = match this.ingress.admit(&ahead.buf[ahead.pos..ahead.pos + n], cx) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
         buf.put_slice(&ahead.buf[ahead.pos..ahead.pos + n]);
         ahead.pos += n;
         if ahead.pos == ahead.len && ahead.drained {
@@ -273,18 +488,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         match res {
             Poll::Ready(Ok(n)) if n > 0 => {
-                self.io.stamp(&self.io.last_write_ms);
-                if std::mem::take(&mut self.write_blocked) {
-                    self.io.stamp(&self.io.last_drain_ms);
-                    self.io.write_blocked.store(false, Ordering::Relaxed);
+                this.egress.written(&buf[..n], &this.io);
+                this.io.stamp(&this.io.last_write_ms);
+                if std::mem::take(&mut this.write_blocked) {
+                    this.io.stamp(&this.io.last_drain_ms);
+                    this.io.write_blocked.store(false, Ordering::Relaxed);
                 }
             }
             Poll::Pending => {
-                self.write_blocked = true;
-                self.io.write_blocked.store(true, Ordering::Relaxed);
+                this.write_blocked = true;
+                this.io.write_blocked.store(true, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -330,10 +547,11 @@ async fn read_loop<S>(
     att: &Attachment,
     conf: &crate::RelayConf,
     io: &IoClock,
-) -> (Stream<S>, ReadEnd<S>)
+) -> (Stream<S>, ReadEnd<S>, Received)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut received = Received::default();
     // Time spent waiting on back-pressure is not the peer's silence.
     let mut last_progress = Instant::now();
     // Once the relay closes: how long it still waits for the peer (see `closed` below).
@@ -356,6 +574,7 @@ where
                 match end {
                     WriterEnd::Stalled => {
                         info!("{}: peer stopped reading for {:?}, dropping the connection", att.describe(), conf.slow_consumer_timeout());
+                        att.outbox.count_slow_consumer();
                         break ReadEnd::Drop;
                     }
                     _ if stream_done => break ReadEnd::Linger(Some(sink)),
@@ -375,7 +594,9 @@ where
                     continue; // the peer showed life meanwhile: the deadline moved
                 }
                 info!("{}: nothing received for {:?}, closing 1001", att.describe(), conf.ping_timeout());
-                att.outbox.close(close::GOING_AWAY, close::PING_TIMEOUT);
+                if att.outbox.close(close::GOING_AWAY, close::PING_TIMEOUT) {
+                    att.hub().metrics().ping_timeouts.inc();
+                }
             }
             frame = stream.next(), if !stream_done => match frame {
                 None => break ReadEnd::Linger(returned.take().map(|(_, sink)| sink)),
@@ -387,10 +608,25 @@ where
                             pings_while_blocked = 0;
                         } else if pings_while_blocked == MAX_PINGS_WHILE_BLOCKED {
                             info!("{}: pings keep coming while the peer reads nothing, dropping the connection", att.describe());
+                            att.outbox.count_slow_consumer();
                             break ReadEnd::Drop;
                         } else {
                             pings_while_blocked += 1;
                         }
+                    }
+                    match &msg {
+                        Message::Text(_) | Message::Binary(_) => {
+                            received.msgs += 1;
+                            received.bytes += msg.len() as u64;
+                        }
+                        Message::Close(frame) => {
+                            let close = frame.as_ref().map(|f| (u16::from(f.code), f.reason.as_str()));
+                            received.close = Some(Box::new(match close {
+                                Some((code, reason)) => (Some(code), reason.to_string()),
+                                None => (None, String::new()),
+                            }));
+                        }
+                        _ => {}
                     }
                     on_message(msg, att, conf).await;
                     last_progress = Instant::now();
@@ -414,7 +650,7 @@ where
             }
         }
     };
-    (stream, end)
+    (stream, end, received)
 }
 
 /// Ends a connection politely within `grace`: takes the write half back from the writer,
@@ -449,6 +685,8 @@ async fn linger<S>(
         return;
     };
     let mut raw = ws.into_inner();
+    // Only draining from here: nothing waits for the ingress budget any more.
+    raw.stop_ingress();
     let _ = tokio::time::timeout_at(deadline, async {
         raw.flush().await?;
         raw.shutdown().await?;
@@ -462,6 +700,11 @@ async fn linger<S>(
 /// The close code and reason for a read error, or `None` when the connection is simply gone.
 fn close_for_error(e: &WsError) -> Option<(u16, &'static str)> {
     match e {
+        WsError::Io(e) => match Refusal::of(e)? {
+            Refusal::Capacity => Some((close::TRY_AGAIN, close::INGRESS_CAPACITY)),
+            Refusal::TooBig => Some((close::TOO_BIG, close::TOO_BIG_REASON)),
+            Refusal::BadControl => Some((close::PROTOCOL_ERROR, close::PROTOCOL_ERROR_REASON)),
+        },
         WsError::Capacity(_) => Some((close::TOO_BIG, close::TOO_BIG_REASON)),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, close::PROTOCOL_ERROR_REASON)),
@@ -488,15 +731,34 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
     // Fast path, almost every message: one destination with room queues without waiting.
     // Waiting for room, fan-out and re-routing run in a boxed future, so that every socket's
     // task does not reserve room for their state (it is most of an idle socket's task).
-    let route = match att.forward(unshare(msg)) {
-        Forward::Drop | Forward::Buffered => return,
-        Forward::One(to, msg) => match to.try_send_data(msg) {
-            Ok(()) => return,
-            Err(msg) => Forward::One(to, msg),
-        },
-        other => other,
+    let msg = unshare(msg);
+    let len = msg.len();
+    let route = match att.forward(msg) {
+        Forward::Drop => return,
+        Forward::Buffered => return forwarded(att, len),
+        Forward::One(to, msg) => {
+            forwarded(att, len);
+            match to.try_send_data(msg) {
+                Ok(()) => return,
+                Err(msg) => Forward::One(to, msg),
+            }
+        }
+        many @ Forward::Many(..) => {
+            forwarded(att, len);
+            many
+        }
+        Forward::OverBudget => Forward::OverBudget,
     };
     Box::pin(forward_waiting(route, att, conf)).await;
+}
+
+/// Counts a data message of `len` payload bytes that the relay accepted for forwarding:
+/// routed to its destination(s) or kept for a late daemon (once, however many destinations).
+fn forwarded(att: &Attachment, len: usize) {
+    let m = att.hub().metrics();
+    m.frames_forwarded.inc();
+    m.bytes_forwarded.inc_by(len as u64);
+    m.frame_size.observe(len as f64);
 }
 
 /// Delivers a routed message that could not be queued at once (see [`on_message`]).
@@ -556,60 +818,104 @@ async fn deliver(
             "{}: a destination's queue stayed full for {deadline:?}, closing it 1013",
             att.describe()
         );
-        to.close(close::TRY_AGAIN, close::SLOW_CONSUMER);
+        to.close_slow_consumer();
     }
     res
 }
 
+/// An item taken from the queue: the command, the data-queue bytes it holds, and whether
+/// it came from the data lane (its payload then counts in `outbound_queued_bytes`).
+struct Item {
+    cmd: Command,
+    cost: usize,
+    data: bool,
+}
+
+impl Item {
+    fn priority(cmd: Command) -> Item {
+        Item {
+            cmd,
+            cost: 0,
+            data: false,
+        }
+    }
+    fn data(cmd: Command, cost: u32) -> Item {
+        Item {
+            cmd,
+            cost: cost as usize,
+            data: true,
+        }
+    }
+}
+
+/// What a written batch held in the queue and what it carried to the peer.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Data-queue bytes (as the items carried them) and data payload bytes.
+    cost: usize,
+    payload: usize,
+    /// Text and binary messages written, and their payload bytes.
+    msgs: u64,
+    bytes: u64,
+}
+
 /// Takes the next queued item without waiting: priority lane first.
-fn next_item(rx: &mut OutboxReceiver, outbox: &Outbox) -> Option<(Command, usize)> {
+fn next_item(rx: &mut OutboxReceiver, outbox: &Outbox) -> Option<Item> {
     if let Ok((cmd, cost)) = rx.priority.try_recv() {
         outbox.priority_taken(cost);
-        return Some((cmd, 0));
+        return Some(Item::priority(cmd));
     }
     rx.data
         .try_recv()
         .ok()
-        .map(|(cmd, cost)| (cmd, cost as usize))
+        .map(|(cmd, cost)| Item::data(cmd, cost))
 }
 
 /// Writes one batch: `first`, then whatever is queued, up to the batch limits; one flush.
-/// Returns the data-queue bytes the batch held, and how the writer ends if the batch ended
-/// it (close frame sent, or asked to finish).
+/// Returns what the batch held and carried, and how the writer ends if the batch ended it
+/// (close frame sent, or asked to finish).
 async fn write_batch<S>(
     sink: &mut Sink<S>,
     rx: &mut OutboxReceiver,
     outbox: &Outbox,
-    first: (Command, usize),
-) -> Result<(usize, Option<WriterEnd>), WsError>
+    first: Item,
+) -> Result<(Batch, Option<WriterEnd>), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut held, mut bytes, mut count) = (0, 0, 0);
+    let mut batch = Batch::default();
+    let (mut size, mut count) = (0, 0);
     let mut next = Some(first);
-    while let Some((cmd, cost)) = next.take() {
-        held += cost;
-        let (msg, is_close) = match cmd {
+    while let Some(item) = next.take() {
+        batch.cost += item.cost;
+        let (msg, is_close) = match item.cmd {
             Command::Send(msg) => (msg, false),
             Command::Close(frame) => (Message::Close(Some(frame)), true),
             Command::Finish => {
                 sink.flush().await?;
-                return Ok((held, Some(WriterEnd::Finished)));
+                return Ok((batch, Some(WriterEnd::Finished)));
             }
         };
-        bytes += msg.len();
+        if item.data {
+            batch.payload += msg.len();
+        }
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            batch.msgs += 1;
+            batch.bytes += msg.len() as u64;
+        }
+        size += msg.len();
         count += 1;
         sink.feed(msg).await?;
         if is_close {
             sink.flush().await?;
-            return Ok((held, Some(WriterEnd::SentClose)));
+            return Ok((batch, Some(WriterEnd::SentClose)));
         }
-        if count < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+        if count < MAX_BATCH_MESSAGES && size < MAX_BATCH_BYTES {
             next = next_item(rx, outbox);
         }
     }
     sink.flush().await?;
-    Ok((held, None))
+    Ok((batch, None))
 }
 
 async fn write_loop<S>(
@@ -630,13 +936,13 @@ where
         // data must not starve it (a silent peer that reads proves life by its pongs).
         let first = tokio::select! {
             biased;
-            _ = ping.tick() => (Command::Send(Message::Ping(Bytes::new())), 0),
+            _ = ping.tick() => Item::priority(Command::Send(Message::Ping(Bytes::new()))),
             item = rx.priority.recv() => match item {
-                Some((cmd, cost)) => { outbox.priority_taken(cost); (cmd, 0) }
+                Some((cmd, cost)) => { outbox.priority_taken(cost); Item::priority(cmd) }
                 None => return (WriterEnd::Failed, sink),
             },
             item = rx.data.recv() => match item {
-                Some((cmd, cost)) => (cmd, cost as usize),
+                Some((cmd, cost)) => Item::data(cmd, cost),
                 None => return (WriterEnd::Failed, sink),
             },
         };
@@ -660,8 +966,10 @@ where
             }
         };
         match result {
-            Some(Ok((held, end))) => {
-                outbox.release(held);
+            Some(Ok((batch, end))) => {
+                outbox.release(batch.cost, batch.payload);
+                io.out_msgs.fetch_add(batch.msgs, Ordering::Relaxed);
+                io.out_bytes.fetch_add(batch.bytes, Ordering::Relaxed);
                 if let Some(end) = end {
                     return (end, sink);
                 }
@@ -713,7 +1021,10 @@ mod tests {
     #[tokio::test]
     async fn read_ahead_while_streaming_and_freed_after() {
         let (mut peer, inner) = tokio::io::duplex(1 << 20);
-        let (mut a, _io) = Activity::new(inner);
+        let hub = SessionHub::new(crate::RelayConf::default());
+        let (mut a, _io) = Activity::new(inner, Vec::new(), &hub, 1 << 20);
+        // Arbitrary bytes, not frames: only the read-ahead is under test here.
+        a.stop_ingress();
         let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         peer.write_all(&big).await.unwrap();
         let mut got = read_n(&mut a, 10_000).await;
@@ -742,5 +1053,117 @@ mod tests {
         drop(peer);
         let mut rest = Vec::new();
         assert_eq!(a.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    /// A masked client frame with the all-zero key and `len` zero bytes of payload.
+    fn client_frame(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![(u8::from(fin) << 7) | opcode];
+        match len {
+            0..=125 => f.push(0x80 | len as u8),
+            126..=0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        f.resize(f.len() + 4 + len, 0);
+        f
+    }
+
+    #[tokio::test]
+    async fn pipelined_bytes_pass_the_budget_and_a_full_budget_holds_the_rest_back() {
+        let conf = crate::RelayConf {
+            ingress_budget_bytes: 1000,
+            ..crate::RelayConf::default()
+        };
+        let hub = SessionHub::new(conf);
+        assert!(
+            hub.ingress().try_reserve(900),
+            "another socket holds 900 bytes"
+        );
+        let (mut peer, inner) = tokio::io::duplex(1 << 16);
+        let small = client_frame(true, 2, 10);
+        let big = client_frame(false, 2, 500);
+        let mut preread = small.clone();
+        preread.extend_from_slice(&big[..20]);
+        let (mut a, _io) = Activity::new(inner, preread, &hub, 1 << 20);
+        // The complete message and all but the last byte of the next header go through.
+        let got = read_n(&mut a, small.len() + 7).await;
+        assert_eq!(got[..], [&small[..], &big[..7]].concat()[..]);
+        // Then nothing: 500 more bytes would not fit, even though they are here.
+        peer.write_all(&big[20..]).await.unwrap();
+        let mut one = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(50), a.read(&mut one)).await;
+        assert!(waited.is_err(), "held back by the budget");
+        assert!(a.ingress.is_waiting());
+        // Room frees: the reader is woken and the rest of the frame comes through.
+        hub.ingress().release(900);
+        let rest = tokio::time::timeout(WITHIN_TEST, read_n(&mut a, big.len() - 7))
+            .await
+            .expect("woken when room frees");
+        assert_eq!(rest, big[7..]);
+        assert_eq!(
+            hub.ingress().reserved(),
+            500,
+            "the unfinished message is held"
+        );
+        drop(a);
+        assert_eq!(
+            hub.ingress().reserved(),
+            0,
+            "and given back with the socket"
+        );
+    }
+
+    const WITHIN_TEST: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn the_close_frame_written_is_recorded_and_counted_once() {
+        let hub = SessionHub::new(crate::RelayConf::default());
+        let (mut peer, inner) = tokio::io::duplex(1 << 16);
+        let (mut a, io) = Activity::new(inner, Vec::new(), &hub, 1 << 20);
+        // Server frames are unmasked: a 300-byte binary frame (16-bit length), a ping, then
+        // a close split in the middle of its header and of its reason.
+        let mut out = vec![0x82, 126, 0x01, 0x2c];
+        out.resize(out.len() + 300, 0x88);
+        out.extend_from_slice(&[0x89, 0x00]);
+        let mut close = vec![0x88, 2 + 12];
+        close.extend_from_slice(&1001u16.to_be_bytes());
+        close.extend_from_slice(b"Ping timeout");
+        out.extend_from_slice(&close);
+        for part in [&out[..305], &out[305..307], &out[307..310], &out[310..]] {
+            a.write_all(part).await.unwrap();
+            if std::ptr::eq(part, &out[..305]) {
+                assert!(io.sent_close.get().is_none());
+            }
+        }
+        assert_eq!(
+            io.sent_close.get().map(|c| (c.0, c.1.as_str())),
+            Some((Some(1001), "Ping timeout"))
+        );
+        // An empty close (tungstenite's echo of an empty one) is 1005 in the metric; only
+        // the first close of a socket is recorded.
+        a.write_all(&[0x88, 0x00]).await.unwrap();
+        let text = hub.render_metrics();
+        assert!(
+            text.contains("paseo_relay_closes_total{code=\"1001\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("code=\"1005\""), "{text}");
+        let mut sent = vec![0u8; out.len() + 2];
+        peer.read_exact(&mut sent).await.unwrap();
+        assert_eq!(sent[..out.len()], out[..], "bytes pass unchanged");
+
+        let hub = SessionHub::new(crate::RelayConf::default());
+        let (inner, _peer) = tokio::io::duplex(1 << 16);
+        let (mut a, io) = Activity::new(inner, Vec::new(), &hub, 1 << 20);
+        a.write_all(&[0x88, 0x00]).await.unwrap();
+        assert_eq!(io.sent_close.get().map(|c| c.0), Some(None));
+        assert!(hub
+            .render_metrics()
+            .contains("paseo_relay_closes_total{code=\"1005\"} 1"));
     }
 }

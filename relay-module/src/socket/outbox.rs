@@ -9,10 +9,17 @@
 //! Each lane is a `VecDeque` behind its own short lock plus a `Notify` for the one reader:
 //! an idle socket's lanes allocate nothing (tokio's channels preallocate blocks of 32 slots,
 //! about 5 KB per socket for two lanes).
+//!
+//! Metrics (bound once, at attach, by [`Outbox::bind_metrics`]): the payload bytes in the
+//! data lane and in the writer's unflushed batch (`outbound_queued_bytes`: added on push,
+//! subtracted on release, and whatever is left when the socket ends), the seconds a sender
+//! waited for room (`send_wait`), and slow-consumer disconnects, at most one per socket.
 
+use crate::ops::metrics::Metrics;
+use prometheus::{Histogram, IntCounter, IntGauge};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -100,6 +107,14 @@ impl LaneReceiver {
     }
 }
 
+/// The metric handles an outbox updates (see the module docs).
+#[derive(Debug)]
+struct Meters {
+    queued: IntGauge,
+    send_wait: Histogram,
+    slow_consumers: IntCounter,
+}
+
 /// Producer handle of one socket's outbound queue; shared as `Arc<Outbox>`.
 #[derive(Debug)]
 pub struct Outbox {
@@ -109,7 +124,14 @@ pub struct Outbox {
     capacity: usize,
     priority_backlog: AtomicUsize,
     closing: AtomicBool,
+    /// The socket was counted as a slow-consumer disconnect.
+    slow_counted: AtomicBool,
     closed_signal: Notify,
+    /// Data payload bytes pushed and not yet released: this socket's share of
+    /// `outbound_queued_bytes`, given back whole when the socket ends. Signed: a release
+    /// racing the end only moves it below zero until the final settle.
+    queued: AtomicI64,
+    meters: OnceLock<Meters>,
 }
 
 /// Consumer side, owned by the socket's writer task. Each item carries the bytes it holds:
@@ -142,7 +164,10 @@ impl Outbox {
             capacity,
             priority_backlog: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            slow_counted: AtomicBool::new(false),
             closed_signal: Notify::new(),
+            queued: AtomicI64::new(0),
+            meters: OnceLock::new(),
         };
         (
             outbox,
@@ -151,6 +176,58 @@ impl Outbox {
                 data: LaneReceiver(data),
             },
         )
+    }
+
+    /// Counts this queue in `metrics` from now on. Call it before the queue is shared (the
+    /// hub does, at attach); later calls change nothing.
+    pub fn bind_metrics(&self, metrics: &Metrics) {
+        let _ = self.meters.set(Meters {
+            queued: metrics.outbound_queued_bytes.clone(),
+            send_wait: metrics.send_wait.clone(),
+            slow_consumers: metrics.slow_consumer_disconnects.clone(),
+        });
+    }
+
+    /// `payload` data bytes entered the queue.
+    fn queued_add(&self, payload: usize) {
+        if let Some(m) = self.meters.get() {
+            self.queued.fetch_add(payload as i64, Ordering::Relaxed);
+            m.queued.add(payload as i64);
+        }
+    }
+
+    /// Gives back, from `outbound_queued_bytes`, what this queue still holds: call it once
+    /// the socket's writer is gone. Runs again when the queue is dropped, for any message
+    /// that raced in after.
+    pub fn settle(&self) {
+        if let Some(m) = self.meters.get() {
+            let left = self.queued.swap(0, Ordering::AcqRel);
+            if left != 0 {
+                m.queued.sub(left);
+            }
+        }
+    }
+
+    /// Counts this socket once as a slow-consumer disconnect (closed 1013 `Slow consumer`,
+    /// or dropped because its peer stopped reading). Returns whether it was counted now.
+    pub fn count_slow_consumer(&self) -> bool {
+        let first = !self.slow_counted.swap(true, Ordering::AcqRel);
+        if first {
+            if let Some(m) = self.meters.get() {
+                m.slow_consumers.inc();
+            }
+        }
+        first
+    }
+
+    /// Closes the socket 1013 `Slow consumer` (its queue stayed full), counting it.
+    pub fn close_slow_consumer(&self) {
+        if self.close(
+            crate::protocol::close::TRY_AGAIN,
+            crate::protocol::close::SLOW_CONSUMER,
+        ) {
+            self.count_slow_consumer();
+        }
     }
 
     /// Queues a control message ahead of all data. Never waits. Returns false when the socket
@@ -165,10 +242,7 @@ impl Outbox {
         // One message of any size is fine when nothing waits (a large `sync`); a backlog
         // means the socket is not reading.
         if waiting > 0 && waiting + cost > MAX_PRIORITY_BACKLOG_BYTES {
-            self.close(
-                crate::protocol::close::TRY_AGAIN,
-                crate::protocol::close::SLOW_CONSUMER,
-            );
+            self.close_slow_consumer();
             return false;
         }
         self.priority.push((Command::Send(msg), cost as u32));
@@ -186,6 +260,7 @@ impl Outbox {
     pub fn push_data_now(&self, msg: Message) {
         let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity);
         let taken = self.room.forget_permits(cost) as u32;
+        self.queued_add(msg.len());
         self.data.push((Command::Send(msg), taken));
     }
 
@@ -196,6 +271,7 @@ impl Outbox {
         match self.room.try_acquire_many(cost) {
             Ok(permit) => {
                 permit.forget();
+                self.queued_add(msg.len());
                 self.data.push((Command::Send(msg), cost));
                 Ok(())
             }
@@ -204,14 +280,20 @@ impl Outbox {
     }
 
     /// Queues a data message, waiting up to `deadline` for room. A message larger than the
-    /// whole queue waits for an empty queue.
+    /// whole queue waits for an empty queue. A wait is observed in `send_wait` (whatever
+    /// its outcome); a message that finds room at once is not.
     pub async fn send_data(&self, msg: Message, deadline: Duration) -> Result<(), SendError> {
         let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity) as u32;
         let permit = match self.room.try_acquire_many(cost) {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Closed),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                match tokio::time::timeout(deadline, self.room.acquire_many(cost)).await {
+                let started = tokio::time::Instant::now();
+                let waited = tokio::time::timeout(deadline, self.room.acquire_many(cost)).await;
+                if let Some(m) = self.meters.get() {
+                    m.send_wait.observe(started.elapsed().as_secs_f64());
+                }
+                match waited {
                     Ok(Ok(p)) => p,
                     Ok(Err(_)) => return Err(SendError::Closed),
                     Err(_) => return Err(SendError::TimedOut),
@@ -219,14 +301,22 @@ impl Outbox {
             }
         };
         permit.forget();
+        self.queued_add(msg.len());
         self.data.push((Command::Send(msg), cost));
         Ok(())
     }
 
-    /// Gives back queue bytes once the writer has flushed the messages that held them.
-    pub fn release(&self, bytes: usize) {
-        if bytes > 0 && !self.room.is_closed() {
-            self.room.add_permits(bytes);
+    /// Gives back queue bytes (`cost`, as the items carried them) and their data payload
+    /// bytes once the writer has flushed the messages that held them.
+    pub fn release(&self, cost: usize, payload: usize) {
+        if cost > 0 && !self.room.is_closed() {
+            self.room.add_permits(cost);
+        }
+        if payload > 0 {
+            if let Some(m) = self.meters.get() {
+                self.queued.fetch_sub(payload as i64, Ordering::Relaxed);
+                m.queued.sub(payload as i64);
+            }
         }
     }
 
@@ -242,11 +332,13 @@ impl Outbox {
     }
 
     /// Closes at once: the close frame goes ahead of queued data (errors: 1009, 1013, ping
-    /// timeout). Only the first close of a socket counts.
-    pub fn close(&self, code: u16, reason: &'static str) {
-        if self.begin_close() {
+    /// timeout). Only the first close of a socket counts: returns whether this was it.
+    pub fn close(&self, code: u16, reason: &'static str) -> bool {
+        let first = self.begin_close();
+        if first {
             self.priority.push((close_frame(code, reason), 0));
         }
+        first
     }
 
     /// Closes after the data already queued has been written (replacement 1008 and the
@@ -278,6 +370,12 @@ impl Outbox {
             return;
         }
         self.closed_signal.notified().await;
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -313,7 +411,7 @@ mod tests {
             .await;
         assert_eq!(r, Err(SendError::TimedOut));
         let (_, cost) = rx.data.recv().await.unwrap();
-        out.release(cost as usize);
+        out.release(cost as usize, 100);
         assert_eq!(cost, 164);
         // A message larger than the whole queue still goes through an empty queue.
         out.send_data(Message::binary(vec![0u8; 1000]), Duration::from_secs(1))
