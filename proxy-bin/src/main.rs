@@ -13,6 +13,7 @@ mod settings;
 use clap::Parser;
 use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server};
+use relay_module::cluster::Cluster;
 use relay_module::{add_relay, Lifecycle, Listener, RelaySignals, SessionHub};
 use settings::{Flags, Settings};
 
@@ -24,7 +25,8 @@ use settings::{Flags, Settings};
     version,
     about = "Self-hosted Paseo relay on Pingora",
     after_help = "Priority: flags > environment (PASEO_LISTEN, PASEO_TLS_CERT, PASEO_TLS_KEY, \
-                  PASEO_LOG_LEVEL, PASEO_LOG_FORMAT, PASEO_ADMIN_LISTEN, PASEO_CONFIG) > config \
+                  PASEO_LOG_LEVEL, PASEO_LOG_FORMAT, PASEO_ADMIN_LISTEN, PASEO_CLUSTER_SELF, \
+                  PASEO_CONFIG) > config \
                   file > defaults.\n\
                   Signals: SIGTERM graceful stop, SIGQUIT hand-over to an --upgrade process, \
                   SIGINT fast stop, SIGHUP TLS certificate reload."
@@ -140,6 +142,7 @@ fn main() {
         relay,
         http,
         router,
+        cluster,
         config_path,
     } = settings::resolve(flags, &|var| std::env::var(var).ok()).unwrap_or_else(|e| fail(e));
     logging::init(log_format, &log_level);
@@ -181,6 +184,8 @@ fn main() {
         "max_websockets: {}",
         hub.admission().limits().max_websockets
     );
+    // Resolves node names (blocking) before the server starts.
+    let cluster = cluster.map(|spec| Cluster::new(spec, hub.conf().mount(), hub.metrics()));
     let life = Lifecycle::new(true);
     add_relay(
         &mut server,
@@ -190,6 +195,7 @@ fn main() {
         admin_listen.as_deref(),
         &http,
         &life,
+        cluster.as_ref(),
     );
     let shown: Vec<String> = listeners
         .iter()
@@ -198,6 +204,14 @@ fn main() {
             None => l.addr.clone(),
         })
         .collect();
+    if let Some(cluster) = &cluster {
+        let nodes: Vec<String> = cluster.nodes().iter().map(|(a, _)| a.to_string()).collect();
+        log::info!(
+            "cluster: this node is {}; nodes {}",
+            cluster.self_addr(),
+            nodes.join(", ")
+        );
+    }
     log::info!("paseo-relay starting on {}", shown.join(", "));
     if let Some(addr) = &admin_listen {
         log::info!("admin listener on {addr} (/metrics, /health, /ready, /drain, /resume)");

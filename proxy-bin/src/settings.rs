@@ -10,9 +10,10 @@
 //! | `--log-format FORMAT` | `PASEO_LOG_FORMAT` | `log_format` | `text` |
 //! | `--admin-listen ADDR` | `PASEO_ADMIN_LISTEN` | `admin_listen` | none |
 //! | `-c/--conf/--config PATH` | `PASEO_CONFIG` | - | none |
+//! | - | `PASEO_CLUSTER_SELF` | `cluster.self` | none (needed with `cluster:`) |
 //!
 //! The YAML file also holds Pingora's `ServerConf` keys at the top level, the relay's
-//! tuning under `relay:` and the HTTP deadlines under `http:`. A Go-relay file (`listen`, `log_level`, `tls.enabled`, `tls.cert`,
+//! tuning under `relay:`, the HTTP deadlines under `http:` and the nodes under `cluster:`. A Go-relay file (`listen`, `log_level`, `tls.enabled`, `tls.cert`,
 //! `tls.key`) works unchanged; empty strings count as unset, as in the Go relay. TLS is on
 //! when a certificate and a key are both set.
 //!
@@ -21,6 +22,7 @@
 
 use crate::logging::LogFormat;
 use pingora::server::configuration::ServerConf;
+use relay_module::cluster::conf::{ClusterConf, ClusterSpec};
 use relay_module::config::HttpConf;
 use relay_module::{CertStore, Listener, RelayConf, RouteConf, Router};
 use serde::Deserialize;
@@ -78,6 +80,8 @@ pub struct Settings {
     pub http: HttpConf,
     /// `routes:` and `trusted_proxies:`, built (peers resolved).
     pub router: Router,
+    /// `cluster:` (with `PASEO_CLUSTER_SELF`), checked; `None`: a single node.
+    pub cluster: Option<ClusterSpec>,
     /// The configuration file read, if any.
     pub config_path: Option<String>,
 }
@@ -113,6 +117,7 @@ struct FileConf {
     http: HttpConf,
     routes: Vec<RouteConf>,
     trusted_proxies: Vec<String>,
+    cluster: Option<ClusterConf>,
     server: ServerConf,
     /// Pingora keys the file sets (our defaults apply to the others).
     server_keys: HashSet<String>,
@@ -238,6 +243,15 @@ fn read_file(path: &str) -> Result<FileConf, String> {
                         .map_err(|e| format!("{path}: routes[{i}]: {e}"))?;
                     file.routes.push(route);
                 }
+            }
+            "cluster" if value.is_null() => file.cluster = None,
+            "cluster" => {
+                // ClusterConf's errors name their key (`cluster.nodes: ...`).
+                let conf = serde_yaml::from_value(value).map_err(|e| match e.to_string() {
+                    e if e.starts_with("cluster") => format!("{path}: {e}"),
+                    e => format!("{path}: cluster: {e}"),
+                })?;
+                file.cluster = Some(conf);
             }
             "trusted_proxies" => {
                 file.trusted_proxies =
@@ -528,6 +542,34 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
             None => e,
         })?;
 
+    // cluster: this node's address must be one of its plain listeners.
+    let self_env = non_empty(env("PASEO_CLUSTER_SELF"));
+    let cluster = match (&file.cluster, self_env) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(
+                "PASEO_CLUSTER_SELF: set, but the configuration has no cluster: section"
+                    .to_string(),
+            )
+        }
+        (Some(conf), self_env) => {
+            let plain: Vec<SocketAddr> = listeners
+                .iter()
+                .filter(|l| l.tls.is_none())
+                .filter_map(|l| l.addr.parse().ok())
+                .collect();
+            let over = self_env.as_deref().map(|v| ("PASEO_CLUSTER_SELF", v));
+            let spec = conf.check(over, &plain).map_err(|e| {
+                if e.starts_with("cluster") {
+                    in_file(&e)
+                } else {
+                    e
+                }
+            })?;
+            Some(spec)
+        }
+    };
+
     Ok(Settings {
         listeners,
         log_level,
@@ -537,6 +579,7 @@ pub fn resolve(flags: Flags, env: &dyn Fn(&str) -> Option<String>) -> Result<Set
         relay: file.relay,
         http: file.http,
         router,
+        cluster,
         config_path,
     })
 }

@@ -21,6 +21,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`cluster`] | several nodes: the view (Ketama ring, health checks), tunnels, moves |
 //! | [`http`] | the `ProxyHttp` service, `/ws` validation (params, RFC 6455 handshake), routes |
 //! | [`session`] | session state: hub, sessions, late-daemon buffers, timers (no Pingora types) |
 //! | [`socket`] | one WebSocket's reader and writer tasks and its outbound queue |
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod ops;

@@ -121,6 +121,7 @@ impl TestRelay {
             Some(&admin.to_string()),
             &http,
             &Lifecycle::new(false),
+            None,
         );
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {

@@ -13,6 +13,7 @@
 //! [`Listener`] (plain or TLS, behind the HTTP deadlines of [`crate::http::front`]) plus the
 //! background services for timers, the shutdown drain and the SIGHUP certificate reload.
 
+use crate::cluster::{tunnel, Cluster, Tunnel};
 use crate::config::HttpConf;
 use crate::http::admin::admin_service;
 use crate::http::front::{Deadlines, Front};
@@ -77,6 +78,8 @@ pub struct RelayProxy {
     health_path: String,
     /// `<path_prefix>/ready`.
     ready_path: String,
+    /// The cluster this node belongs to (`None`: a single node).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl RelayProxy {
@@ -90,7 +93,15 @@ impl RelayProxy {
             ws_path: format!("{mount}/ws"),
             health_path: format!("{mount}/health"),
             ready_path: format!("{mount}/ready"),
+            cluster: None,
         }
+    }
+
+    /// This relay as a node of `cluster`: a `/ws` whose serverId another node owns is
+    /// tunnelled there (see [`crate::cluster`]).
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// The client's address as logs should show it (see [`Router::client_addr`]).
@@ -101,6 +112,12 @@ impl RelayProxy {
             .headers
             .get("X-Forwarded-For")
             .and_then(|v| v.to_str().ok());
+        if let Some(cluster) = &self.cluster {
+            // A node tunnelled it: that node is a trusted proxy.
+            if cluster.is_hop(session.req_header(), Some(peer)) {
+                return Some(Cluster::tunnelled_client(&self.router, peer, xff));
+            }
+        }
         Some(self.router.client_addr(peer, xff))
     }
 }
@@ -146,6 +163,7 @@ pub fn relay_service(
     router: Arc<Router>,
     listeners: &[Listener],
     http: &HttpConf,
+    cluster: Option<&Arc<Cluster>>,
 ) -> Vec<Service<Front<RelayProxy>>> {
     let deadlines = Deadlines::new(http, hub.metrics().request_timeouts.clone());
     // Listeners grouped by certificate store (`None`: plain), in order of appearance.
@@ -173,7 +191,8 @@ pub fn relay_service(
                 }
             }
         };
-        let proxy = http_proxy(server_conf, RelayProxy::new(hub.clone(), router.clone()));
+        let relay = RelayProxy::new(hub.clone(), router.clone()).with_cluster(cluster.cloned());
+        let proxy = http_proxy(server_conf, relay);
         let tls = store.as_ref().map(|store| store.tls_settings());
         let mut service = Service::new(name, Front::new(proxy, tls, deadlines.clone()));
         for listener in group {
@@ -195,10 +214,12 @@ pub(crate) fn tcp_listener(addr: &str) -> ListenerConfig {
 /// for every other path), the admin service on `admin` if given (see [`crate::http::admin`])
 /// and the background services that run the nudge timers, the drain
 /// on graceful shutdown (see [`crate::ops::lifecycle`]), the SIGHUP reload of the TLS
-/// certificate and the routes' health checks. Every listener, the admin's too, applies the
+/// certificate, the routes' health checks and, with `cluster`, the cluster's health checks
+/// and ownership moves (see [`crate::cluster`]). Every listener, the admin's too, applies the
 /// deadlines of `http`. Call before `run`; nothing starts before it (so `-d` daemon mode
 /// works). Pass `RelaySignals(life)` to `Server::run` so the drain knows an upgrade from a
 /// terminate.
+#[allow(clippy::too_many_arguments)] // the pieces the binary resolved, each used once
 pub fn add_relay(
     server: &mut Server,
     hub: &Arc<SessionHub>,
@@ -207,6 +228,7 @@ pub fn add_relay(
     admin: Option<&str>,
     http: &HttpConf,
     life: &Arc<Lifecycle>,
+    cluster: Option<&Arc<Cluster>>,
 ) {
     if let Some(addr) = admin {
         let admin = admin_service(&server.configuration, hub.clone(), addr, http);
@@ -221,8 +243,12 @@ pub fn add_relay(
         Arc::new(router),
         listeners,
         http,
+        cluster,
     ) {
         server.add_service(service);
+    }
+    if let Some(cluster) = cluster {
+        cluster.add_services(server, hub);
     }
     server.add_service(background_service(
         "relay timers",
@@ -292,6 +318,73 @@ impl RelayProxy {
         .await
     }
 
+    /// Tunnels a validated `/ws` to the owner of its serverId (see [`crate::cluster::tunnel`]):
+    /// the owner's answer goes to the client, and after a 101 the two connections are
+    /// spliced by a spawned task. `Ok(false)`: no other node takes it, serve it here.
+    async fn tunnel(
+        &self,
+        session: &mut Session,
+        cluster: &Cluster,
+        mut t: Tunnel,
+    ) -> Result<bool> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let mut req = session.req_header().clone();
+        self.router.forwarded_headers(&mut req, peer, tls)?;
+        Cluster::mark_hop(&mut req)?;
+        let head = tunnel::request_head(&req);
+        let Some((owner_addr, owner, answer)) = tunnel::open(cluster, &mut t, &head).await else {
+            return Ok(false);
+        };
+        if answer.status != 101 {
+            debug!("cluster: {owner_addr} answered {} to {t}", answer.status);
+            tunnel::count_answer(cluster, &answer);
+            let content_type = answer.header("Content-Type").unwrap_or(TEXT_PLAIN);
+            let extra: Vec<(&'static str, &str)> = ["Retry-After", "Sec-WebSocket-Version"]
+                .into_iter()
+                .filter_map(|name| answer.header(name).map(|value| (name, value)))
+                .collect();
+            let body = Bytes::copy_from_slice(&answer.body);
+            respond(session, answer.status, content_type, body, &extra).await?;
+            return Ok(true);
+        }
+        let mut resp = ResponseHeader::build(101, Some(answer.headers.len()))?;
+        for (name, value) in &answer.headers {
+            resp.append_header(name.clone(), value.as_str())?;
+        }
+        let downstream = &mut session.downstream_session;
+        if let Err(e) = downstream.write_response_header(Box::new(resp)).await {
+            debug!("cluster: writing the 101 of {t} failed: {e}");
+            return Ok(true);
+        }
+        let preread = match downstream.read_request_body().now_or_never() {
+            Some(Ok(Some(bytes))) => bytes.to_vec(),
+            _ => Vec::new(),
+        };
+        let taken = std::mem::replace(&mut **downstream, placeholder_session().await);
+        let ServerSession::H1(h1) = taken else {
+            warn!("/ws: upgrade on a non-HTTP/1 session");
+            return Ok(true);
+        };
+        debug!("cluster: {t} tunnelled to {owner_addr}");
+        let open = cluster.open_tunnel();
+        let grace = self.hub.conf().close_grace();
+        tokio::spawn(tunnel::splice(
+            h1.into_inner(),
+            preread,
+            owner,
+            answer.body,
+            grace,
+            open,
+        ));
+        Ok(true)
+    }
+
+    /// Validates a `/ws` and serves it here, or on a cluster node tunnels it to the owner of
+    /// its serverId.
     async fn upgrade(&self, session: &mut Session) -> Result<()> {
         let conf = self.hub.conf();
         let req = session.req_header();
@@ -317,7 +410,25 @@ impl RelayProxy {
                 return respond(session, e.status(), TEXT_PLAIN, e.body(), extra).await;
             }
         };
-        if self.hub.is_draining() {
+        let mut hop = false;
+        if let Some(cluster) = &self.cluster {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            hop = cluster.is_hop(session.req_header(), peer);
+            if !hop {
+                if let Some(t) = cluster.route(&params.server_id, self.hub.is_draining()) {
+                    if self.tunnel(session, cluster, t).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        // A draining node serves what other nodes tunnel to it until they can have seen
+        // it down.
+        let tunnelled_in = hop && self.cluster.as_ref().is_some_and(|c| c.accepts_tunnelled());
+        if self.hub.is_draining() && !tunnelled_in {
             return self.refuse_draining(session).await;
         }
 
