@@ -7,7 +7,8 @@
 //! the socket ends (dropped with its attachment). Refusals carry the exact answer (status,
 //! body, `Retry-After`). Plain Rust: no Pingora or socket types.
 //!
-//! The per-address table is bounded: an entry with no socket left is removed once its
+//! An address is counted as [`address_key`] gives it: IPv6 by its /64, IPv4-mapped IPv6 as
+//! IPv4. The per-address table is bounded: an entry with no socket left is removed once its
 //! bucket is full again (`upgrade_burst_per_ip / upgrades_per_ip_per_second` seconds), in a
 //! sweep that runs whenever the table has doubled since the last one. It holds at most one
 //! entry per live socket plus one per address seen within that refill time.
@@ -88,6 +89,21 @@ pub struct Ticket {
 
 const FIRST_SWEEP_AT: usize = 1024;
 
+/// The address a limit counts: an IPv4-mapped IPv6 address as its IPv4 address, any other
+/// IPv6 address by its /64 (one host usually holds a whole /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
 impl Admission {
     /// Admission with `limits`.
     pub fn new(limits: Limits) -> Arc<Admission> {
@@ -133,21 +149,20 @@ impl Admission {
     /// address` at `max_websockets_per_ip`; 429 `Too many requests` with `Retry-After` the
     /// whole seconds until the address earns a token. Nothing is taken on a refusal.
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>, now: Instant) -> Result<Ticket, Refusal> {
-        let taken = self.sockets.fetch_add(1, Ordering::AcqRel);
-        let mut ticket = Ticket {
-            admission: self.clone(),
-            ip: None,
+        let at_capacity = Refusal {
+            status: 503,
+            body: AT_CAPACITY,
+            retry_after: RETRY_AFTER_SECONDS,
+            reason: Rejection::Capacity,
         };
-        if taken >= self.limits.max_websockets {
-            return Err(Refusal {
-                status: 503,
-                body: AT_CAPACITY,
-                retry_after: RETRY_AFTER_SECONDS,
-                reason: Rejection::Capacity,
-            }); // dropping `ticket` gives the place back
+        if self.is_full() {
+            return Err(at_capacity);
         }
-        let Some(ip) = ip else {
-            return Ok(ticket);
+        let Some(ip) = ip.map(address_key) else {
+            return match self.take_place() {
+                true => Ok(self.ticket(None)),
+                false => Err(at_capacity),
+            };
         };
         let limits = self.limits;
         let mut table = self.lock();
@@ -177,14 +192,36 @@ impl Admission {
                 reason: Rejection::Rate,
             });
         }
+        // The process-wide place is taken last, so refusals for an address never hold one
+        // (a refused flood cannot make other upgrades see the relay full).
+        if !self.take_place() {
+            return Err(at_capacity);
+        }
         entry.tokens -= 1.0;
         entry.sockets += 1;
         if table.by_ip.len() >= table.sweep_at {
             self.sweep(&mut table, now);
         }
         drop(table);
-        ticket.ip = Some(ip);
-        Ok(ticket)
+        Ok(self.ticket(Some(ip)))
+    }
+
+    /// Takes one process-wide place unless the ceiling is reached.
+    fn take_place(&self) -> bool {
+        let max = self.limits.max_websockets;
+        self.sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// The ticket of a place just taken (and of `ip`'s socket count, if given).
+    fn ticket(self: &Arc<Self>, ip: Option<IpAddr>) -> Ticket {
+        Ticket {
+            admission: self.clone(),
+            ip,
+        }
     }
 
     /// Removes entries with no socket whose bucket is full again.
@@ -283,6 +320,55 @@ mod tests {
         );
         // 2 tokens per second: one more after 0.5 s.
         assert!(a.admit(ip(1), t0 + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let a = Admission::new(Limits {
+            max_websockets: 10,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let mut held = vec![
+            a.admit(v6("2001:db8:1:2::1"), t0).unwrap(),
+            a.admit(v6("2001:db8:1:2:ffff::9"), t0).unwrap(),
+        ];
+        assert_eq!(
+            a.admit(v6("2001:db8:1:2::3"), t0).unwrap_err().reason,
+            Rejection::PerIp,
+            "the same /64"
+        );
+        held.push(a.admit(v6("2001:db8:1:3::1"), t0).expect("another /64"));
+        held.push(a.admit(ip(7), t0).unwrap());
+        held.push(
+            a.admit(v6("::ffff:10.0.0.7"), t0)
+                .expect("10.0.0.7's second"),
+        );
+        assert_eq!(
+            a.admit(ip(7), t0).unwrap_err().reason,
+            Rejection::PerIp,
+            "the mapped address counted as 10.0.0.7"
+        );
+        assert_eq!(a.sockets(), held.len());
+    }
+
+    #[test]
+    fn refusals_for_an_address_hold_no_process_place() {
+        let a = Admission::new(Limits {
+            max_websockets: 2,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let _held = (a.admit(ip(1), t0).unwrap(), a.admit(ip(1), t0).unwrap());
+        drop(_held);
+        let _x = a.admit(ip(1), t0).unwrap();
+        for _ in 0..5 {
+            assert_eq!(a.admit(ip(1), t0).unwrap_err().reason, Rejection::Rate);
+        }
+        assert_eq!(a.sockets(), 1, "refused upgrades took no place");
+        let _y = a.admit(ip(2), t0).unwrap();
+        assert!(a.is_full());
     }
 
     #[test]
