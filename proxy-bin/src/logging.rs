@@ -16,7 +16,8 @@
 //! - **No payloads**: tungstenite and tokio-tungstenite print frame and message payloads at
 //!   trace, so their trace records are dropped unless the filter names that crate itself
 //!   (`RUST_LOG=trace,tungstenite=trace`); `trace` alone or `--log-level trace` leaves them at
-//!   debug ([`PayloadCap`]).
+//!   debug. Pingora's proxy prints proxied body chunks at debug, so `pingora_proxy` stays at
+//!   info unless named likewise ([`PayloadCap`]).
 //! - **Filter**: `RUST_LOG`, when set, as env_logger reads it; otherwise the resolved log level.
 
 use env_logger::fmt::{ConfigurableFormat, Formatter};
@@ -38,8 +39,14 @@ const MIN_MESSAGE_BYTES: usize = 160;
 /// Bytes of env_logger's text header besides the target: `[`, a 20-byte timestamp, ` `, the
 /// level padded to 5, ` `, then `] `.
 const TEXT_HEADER_BYTES: usize = 30;
-/// Crates whose trace output holds payload bytes.
-const PAYLOAD_CRATES: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+/// Crates whose output holds payload bytes, with the most verbose level that carries none:
+/// tungstenite and tokio-tungstenite print frames at trace; Pingora's proxy prints proxied
+/// request and response body chunks (`HttpTask`) at debug.
+const PAYLOAD_CRATES: [(&str, Level); 3] = [
+    ("tungstenite", Level::Debug),
+    ("tokio_tungstenite", Level::Debug),
+    ("pingora_proxy", Level::Info),
+];
 
 /// How records are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +71,8 @@ impl LogFormat {
 /// Which payload crates keep their trace records: those the filter names itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PayloadCap {
-    /// Per [`PAYLOAD_CRATES`] entry: capped at debug.
-    capped: [bool; 2],
+    /// Per [`PAYLOAD_CRATES`] entry: capped at its level.
+    capped: [bool; 3],
 }
 
 impl PayloadCap {
@@ -90,18 +97,15 @@ impl PayloadCap {
             })
         };
         PayloadCap {
-            capped: PAYLOAD_CRATES.map(|krate| !named(krate)),
+            capped: PAYLOAD_CRATES.map(|(krate, _)| !named(krate)),
         }
     }
 
     /// Whether a record of `level` from `target` may be written.
     pub fn allows(&self, target: &str, level: Level) -> bool {
-        if level <= Level::Debug {
-            return true;
-        }
         let krate = target.split("::").next().unwrap_or_default();
-        match PAYLOAD_CRATES.iter().position(|c| *c == krate) {
-            Some(i) => !self.capped[i],
+        match PAYLOAD_CRATES.iter().position(|(c, _)| *c == krate) {
+            Some(i) => level <= PAYLOAD_CRATES[i].1 || !self.capped[i],
             None => true,
         }
     }
@@ -611,6 +615,12 @@ mod tests {
         let module = PayloadCap::from_spec("tokio_tungstenite::compat=trace/x");
         assert!(module.allows("tokio_tungstenite", Level::Trace));
         assert!(!module.allows("tungstenite", Level::Trace));
+
+        // Pingora's proxy prints proxied body chunks at debug.
+        assert!(!trace.allows("pingora_proxy::proxy_h1", Level::Debug));
+        assert!(trace.allows("pingora_proxy::proxy_h1", Level::Info));
+        assert!(PayloadCap::from_spec("debug,pingora_proxy=debug")
+            .allows("pingora_proxy::proxy_h1", Level::Debug));
 
         let info = PayloadCap::from_spec("info");
         assert_eq!(info, trace);
