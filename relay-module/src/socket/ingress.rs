@@ -633,7 +633,10 @@ mod tests {
         // is handed over first, as for any refusal).
         let mut ing = Ingress::new(budget.clone(), 1000);
         let ping = header(true, 9, 126, Some(MASK));
-        assert_eq!(feed(&mut ing, &ping[..ping.len() - 1], 1024), ping.len() - 1);
+        assert_eq!(
+            feed(&mut ing, &ping[..ping.len() - 1], 1024),
+            ping.len() - 1
+        );
         match ing.admit(&ping[ping.len() - 1..], &mut cx()) {
             Poll::Ready(Err(e)) => assert_eq!(Refusal::of(&e), Some(Refusal::BadControl)),
             other => panic!("{other:?}"),
