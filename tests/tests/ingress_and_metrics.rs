@@ -372,10 +372,10 @@ async fn a_scripted_exchange_is_counted_exactly_and_every_gauge_returns_to_zero(
     assert_eq!(client.fields, want);
     let data = line("data");
     assert!(
-        data.message.contains(&format!(
+        data.message.contains(
             "data conn_met… closed: sent 1001 \"Client disconnected\", \
              received 1001 \"Client disconnected\", "
-        )),
+        ),
         "{}",
         data.message
     );

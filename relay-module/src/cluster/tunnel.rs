@@ -49,9 +49,12 @@ impl Answer {
     }
 }
 
+/// A parsed response head: status, headers (name, value), and the head's length in bytes.
+type Head = (u16, Vec<(String, String)>, usize);
+
 /// Parses an HTTP/1.1 response head (`buf` holds at least the head). Returns the status,
 /// the headers and the head's length.
-fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, Vec<(String, String)>, usize)>> {
+fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Ok(None);
     };

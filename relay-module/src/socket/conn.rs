@@ -239,6 +239,8 @@ struct Activity<S> {
 struct Egress {
     frames: FrameCursor,
     /// The payload of a close frame being written.
+    // Boxed on purpose: 8 bytes instead of 24 in every idle socket's state (spec §0 memory).
+    #[allow(clippy::box_collection)]
     close: Option<Box<Vec<u8>>>,
 }
 
