@@ -155,3 +155,59 @@ fn test_mode_accepts_log_format_json_in_the_file() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("configuration is valid"), "{err}");
 }
+
+#[test]
+fn the_close_line_carries_its_fields_as_json_keys() {
+    let (relay, addr) = start("logs-close", command(), &["--log-format", "json"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let endpoint = Endpoint { addr };
+        let mut daemon = endpoint.v1("logs-close-srv", "server").await;
+        let mut app = endpoint.v1("logs-close-srv", "client").await;
+        send_text(&mut app, "hello").await;
+        assert_eq!(recv_text(&mut daemon).await, "hello");
+        send_text(&mut daemon, "hi").await;
+        assert_eq!(recv_text(&mut app).await, "hi");
+        relay_tests::send_close(&mut app, 1000, "bye").await;
+        // The echo of the close reaches the app; then the relay ends the socket.
+        let _ = relay_tests::recv_close(&mut app).await;
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !relay.log().contains(r#""kind":"v1 client""#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no close line: {}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = stop(relay);
+    let line = log
+        .lines()
+        .find(|l| l.contains(r#""kind":"v1 client""#))
+        .expect("the app socket's close line");
+    let json: serde_json::Value = serde_json::from_str(line).expect("JSON");
+    assert_eq!(json["level"], "INFO");
+    assert_eq!(json["kind"], "v1 client");
+    assert_eq!(json["version"], "v1");
+    assert_eq!(json["server_id"], "logs-clo…", "the first 8 characters");
+    assert_eq!(json["close_received_code"], 1000);
+    assert_eq!(json["close_received_reason"], "bye");
+    assert_eq!(json["close_sent_code"], 1000, "the echo");
+    assert_eq!(
+        (json["in_msgs"].clone(), json["in_bytes"].clone()),
+        (1.into(), 5.into())
+    );
+    assert_eq!(
+        (json["out_msgs"].clone(), json["out_bytes"].clone()),
+        (1.into(), 2.into())
+    );
+    assert!(json["duration_ms"].is_u64(), "{line}");
+    assert!(
+        !line.contains("hello") && !line.contains(r#""hi""#),
+        "no payload: {line}"
+    );
+}
