@@ -1218,7 +1218,14 @@ async fn malformed_queries() {
 
 #[tokio::test]
 async fn two_hundred_stalled_handshakes_do_not_block_others() {
-    let relay = TestRelay::start().await;
+    // Every connection comes from 127.0.0.1: raise the per-address limits (their own
+    // tests are in operator.rs), so the 200 stalled upgrades all reach the relay.
+    let relay = TestRelay::start_with(relay_module::RelayConf {
+        max_websockets_per_ip: 1000,
+        upgrade_burst_per_ip: 1000,
+        ..relay_module::RelayConf::default()
+    })
+    .await;
     let mut healthy = Healthy::open(&relay).await;
     let s = sid("stall");
     let mut half_heads = Vec::new();

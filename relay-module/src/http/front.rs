@@ -348,6 +348,11 @@ impl Wait {
         if self.end.scan(&self.buf[from..]).is_some() {
             return Some(std::mem::take(&mut self.buf));
         }
+        if !could_be_a_head(&self.buf) {
+            // Garbage: Pingora answers it at once (400), as without the deadline.
+            debug!("not an HTTP request head: handed to Pingora, which refuses it");
+            return Some(std::mem::take(&mut self.buf));
+        }
         if self.buf.len() >= HEAD_CAP {
             debug!("request head over {HEAD_CAP} bytes: handed to Pingora, which refuses it");
             return Some(std::mem::take(&mut self.buf));
@@ -471,6 +476,17 @@ impl Wait {
 }
 
 /// Reads at most `limit` bytes (and at most [`READ_CHUNK`]) from `io` onto the end of `buf`.
+/// Whether `buf`, an unfinished head, can still become a valid one: its request line parses
+/// so far (httparse, as Pingora parses it; the headers are left to Pingora). A client that
+/// sends garbage gets Pingora's 400 at once instead of waiting for the head deadline.
+fn could_be_a_head(buf: &[u8]) -> bool {
+    let mut no_headers: [httparse::Header<'_>; 0] = [];
+    match httparse::Request::new(&mut no_headers).parse(buf) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => true,
+        Err(_) => false,
+    }
+}
+
 fn poll_read_into<S: AsyncRead + Unpin>(
     io: &mut S,
     cx: &mut Context<'_>,
@@ -659,6 +675,34 @@ mod tests {
             .iter()
             .enumerate()
             .find_map(|(i, c)| end.scan(c).map(|at| (i, at)))
+    }
+
+    #[test]
+    fn garbage_is_not_held_back_but_a_partial_head_is() {
+        for partial in [
+            &b"GE"[..],
+            b"GET /ws?serverId=a HTT",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Half",
+            b"\r\nGET / HTTP/1.1\r\n",
+        ] {
+            assert!(
+                could_be_a_head(partial),
+                "{:?}",
+                String::from_utf8_lossy(partial)
+            );
+        }
+        for garbage in [
+            &b"\x16\x03\x01\x02\x00\x01"[..],
+            b"HELLO THERE\r\n",
+            b"\x01\x02 /ws HTTP/1.1\r\n",
+            b"GET / HTTP/9.9\r\n",
+        ] {
+            assert!(
+                !could_be_a_head(garbage),
+                "{:?}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
     }
 
     #[test]
