@@ -3,10 +3,14 @@
 //! both relays are started fresh, A then B, run the same workload, and are killed. The
 //! result is, per figure, the median of each side over the rounds and the ratio a/b.
 //!
-//! Workloads: `echo:PAIRSxWINDOW` (100-byte frames unless `--size`), `idle:SOCKETS` and
-//! `large:MIB` (one message each way). Figures: CPU µs per relayed message, messages/s and
-//! p50/p99 round trip for echo; RSS per idle socket; MB/s each way and peak RSS growth for
-//! large. Everything stays on loopback and every step is bounded (a relay must accept
+//! Workloads: `echo:PAIRSxWINDOW` (100-byte frames unless `--size`), `idle:SOCKETS`,
+//! `burst:SOCKETS` (idle, then the RSS 10 s after every socket closed), `large:MIB` (one
+//! binary message each way), `large-text:MIB` (one text message each way) and
+//! `large-pairs:PAIRSxMIB` (that many pairs sending at once). Figures: CPU µs per relayed
+//! message, messages/s and p50/p99 round trip for echo; RSS per idle socket; RSS after the
+//! burst over the RSS before it; for large MB/s and peak RSS growth over the bytes sent,
+//! each way, the memory an open pair keeps after it (kB) and the RSS 10 s after the close
+//! over the RSS at the start. Everything stays on loopback and every step is bounded (a relay must accept
 //! within 30 s of its start; each workload has its own bounds).
 
 use crate::error::{BenchError, Result};
@@ -41,11 +45,12 @@ pub struct CompareParams {
     /// Rounds (each runs every workload on a fresh A, then on a fresh B).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// Workloads, comma-separated: `echo:PAIRSxWINDOW`, `idle:SOCKETS`, `large:MIB`.
+    /// Workloads, comma-separated: `echo:PAIRSxWINDOW`, `idle:SOCKETS`, `burst:SOCKETS`,
+    /// `large:MIB`, `large-text:MIB`, `large-pairs:PAIRSxMIB`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo:50x1,echo:1x1,echo:50x8,idle:4000,large:32"
+        default_value = "echo:50x1,echo:1x1,echo:50x8,idle:4000,burst:5000,large:32,large-text:32,large-pairs:8x30"
     )]
     pub workloads: Vec<String>,
     /// Echo frame size, bytes.
@@ -74,16 +79,31 @@ pub enum Workload {
     },
     /// `idle` with this many sockets.
     Idle(usize),
-    /// `large` with one message of this many MiB.
-    Large(usize),
+    /// `idle` with this many sockets, read [`BURST_AFTER_MS`] after they all closed.
+    Burst(usize),
+    /// `large`: `pairs` pairs each send one message of `mib` MiB each way at once.
+    Large {
+        /// Message size, MiB.
+        mib: usize,
+        /// Text messages instead of binary ones.
+        text: bool,
+        /// Pairs sending at once.
+        pairs: usize,
+    },
 }
 
+/// How long after a burst (or a large run) closed the RSS is read, ms (issue 11: "RSS
+/// 10 s after a burst").
+pub const BURST_AFTER_MS: u64 = 10_000;
+
 impl Workload {
-    /// Parses `echo:50x1`, `idle:4000` or `large:32`.
+    /// Parses `echo:50x1`, `idle:4000`, `burst:5000`, `large:32`, `large-text:32` or
+    /// `large-pairs:8x30`.
     pub fn parse(text: &str) -> Result<Workload> {
         let bad = || {
             BenchError::Invalid(format!(
-                "--workloads {text:?}: expected echo:PAIRSxWINDOW, idle:SOCKETS or large:MIB"
+                "--workloads {text:?}: expected echo:PAIRSxWINDOW, idle:SOCKETS, \
+                 burst:SOCKETS, large:MIB, large-text:MIB or large-pairs:PAIRSxMIB"
             ))
         };
         let (kind, arg) = text.trim().split_once(':').ok_or_else(bad)?;
@@ -97,17 +117,47 @@ impl Workload {
                 }
             }
             "idle" => Workload::Idle(num(arg)?),
-            "large" => Workload::Large(num(arg)?),
+            "burst" => Workload::Burst(num(arg)?),
+            "large" | "large-text" => Workload::Large {
+                mib: num(arg)?,
+                text: kind == "large-text",
+                pairs: 1,
+            },
+            "large-pairs" => {
+                let (p, m) = arg.split_once('x').ok_or_else(bad)?;
+                Workload::Large {
+                    mib: num(m)?,
+                    text: false,
+                    pairs: num(p)?,
+                }
+            }
             _ => return Err(bad()),
         })
     }
 
-    /// The name used in results: `echo 50x1`, `idle 4000`, `large 32 MiB`.
+    /// The name used in results: `echo 50x1`, `idle 4000`, `burst 5000`, `large 32 MiB`,
+    /// `large 32 MiB text`, `large 8x30 MiB`.
     pub fn name(&self) -> String {
         match self {
             Workload::Echo { pairs, window } => format!("echo {pairs}x{window}"),
             Workload::Idle(n) => format!("idle {n}"),
-            Workload::Large(mib) => format!("large {mib} MiB"),
+            Workload::Burst(n) => format!("burst {n}"),
+            Workload::Large {
+                mib,
+                text: false,
+                pairs: 1,
+            } => format!("large {mib} MiB"),
+            Workload::Large {
+                mib,
+                text: true,
+                pairs: 1,
+            } => format!("large {mib} MiB text"),
+            Workload::Large { mib, text, pairs } => {
+                format!(
+                    "large {pairs}x{mib} MiB{}",
+                    if *text { " text" } else { "" }
+                )
+            }
         }
     }
 
@@ -121,10 +171,20 @@ impl Workload {
                 "latency_p99_us",
             ],
             Workload::Idle(_) => &["rss_per_socket_bytes"],
-            Workload::Large(_) => &[
+            Workload::Burst(_) => &["after_close_ratio"],
+            Workload::Large { pairs: 1, .. } => &[
                 "app_to_daemon_mb_per_s",
                 "daemon_to_app_mb_per_s",
+                "growth_x_to_daemon",
+                "growth_x_to_app",
+                "kept_kb",
+                "after_close_ratio",
+            ],
+            Workload::Large { .. } => &[
                 "rss_peak_growth_kb",
+                "growth_x",
+                "kept_kb",
+                "after_close_ratio",
             ],
         }
     }
@@ -216,7 +276,7 @@ async fn run_once(
             })
             .await?,
         ],
-        Workload::Idle(sockets) => vec![
+        Workload::Idle(sockets) | Workload::Burst(sockets) => vec![
             run_idle(&IdleParams {
                 url,
                 sockets: *sockets,
@@ -225,14 +285,19 @@ async fn run_once(
                 concurrency: 200,
                 settle: 2,
                 scrape_url: None,
+                after_ms: match workload {
+                    Workload::Burst(_) => BURST_AFTER_MS,
+                    _ => 0,
+                },
             })
             .await?,
         ],
-        Workload::Large(mib) => {
+        Workload::Large { mib, text, pairs } => {
             run_large(&LargeParams {
-                url,
-                pid: Some(pid),
-                sizes: vec![*mib],
+                text: *text,
+                pairs: *pairs,
+                after_ms: BURST_AFTER_MS,
+                ..LargeParams::new(url, Some(pid), vec![*mib])
             })
             .await?
         }
@@ -245,6 +310,7 @@ async fn run_once(
         let field = |k: &str| match record.get(k) {
             Some(Field::Real(v)) => Ok(*v),
             Some(Field::Count(v)) => Ok(*v as f64),
+            Some(Field::Signed(v)) => Ok(*v as f64),
             other => Err(BenchError::Io(format!("{label}: {k} is {other:?}"))),
         };
         match key {
@@ -351,7 +417,31 @@ mod tests {
         );
         assert_eq!(Workload::parse(" idle:4000").unwrap(), Workload::Idle(4000));
         assert_eq!(Workload::parse("large:32").unwrap().name(), "large 32 MiB");
-        for bad in ["echo:50", "idle", "large:x", "udp:1"] {
+        assert_eq!(
+            Workload::parse("large-text:32").unwrap().name(),
+            "large 32 MiB text"
+        );
+        assert_eq!(
+            Workload::parse("large-pairs:8x30").unwrap(),
+            Workload::Large {
+                mib: 30,
+                text: false,
+                pairs: 8
+            }
+        );
+        assert_eq!(
+            Workload::parse("large-pairs:8x30").unwrap().name(),
+            "large 8x30 MiB"
+        );
+        assert_eq!(Workload::parse("burst:5000").unwrap().name(), "burst 5000");
+        for bad in [
+            "echo:50",
+            "idle",
+            "large:x",
+            "udp:1",
+            "large-pairs:30",
+            "burst:",
+        ] {
             assert!(Workload::parse(bad).is_err(), "{bad}");
         }
     }

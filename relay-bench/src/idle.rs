@@ -1,6 +1,10 @@
 //! `idle`: opens many paired idle sockets (half daemon data sockets, half app sockets) and
 //! reads the relay's RSS: the growth per socket, then the RSS after closing them all.
 //!
+//! The reading after the close comes `--settle` s after it, or in burst mode (a non-zero
+//! `--after-ms`) that many ms after it; `after_close_kb` and `after_close_ratio` compare it with
+//! `rss_start_kb`, the RSS before any socket was opened.
+//!
 //! The control sockets the pairs need (one per `--pairs-per-server` pairs) are opened
 //! first and measured apart: the per-socket figure covers data and app sockets only, and
 //! the record gives the total socket count as well.
@@ -107,7 +111,8 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
         futures_util::future::join_all(shared.controls.into_iter().map(Control::close)).await;
     }
     let (open, scrapes) = measured?;
-    sleep(settle).await;
+    let after_close = after_close_wait(p);
+    sleep(after_close).await;
     let after = mem_status(pid)?;
 
     let growth_kb = open.rss_kb.saturating_sub(rss_controls);
@@ -136,7 +141,13 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
         )
         .set("pairs_closed_early", closed_early)
         .set("close_s", close_s)
+        .set("after_close_ms", after_close.as_millis() as u64)
         .set("rss_after_close_kb", after.rss_kb)
+        .set("after_close_kb", after.rss_kb as i64 - rss_start as i64)
+        .set(
+            "after_close_ratio",
+            after.rss_kb as f64 / rss_start.max(1) as f64,
+        )
         .set("rss_hwm_kb", after.hwm_kb);
     if let Some(s) = scrapes {
         r.set("scrape_ms_p50", s.p50_ms)
@@ -144,6 +155,16 @@ pub async fn run_idle(p: &IdleParams) -> Result<Record> {
             .set("scrape_bytes", s.bytes);
     }
     Ok(r)
+}
+
+/// How long after the close the last RSS reading comes: `--after-ms` when set, else
+/// `--settle`.
+pub fn after_close_wait(p: &IdleParams) -> Duration {
+    if p.after_ms > 0 {
+        Duration::from_millis(p.after_ms)
+    } else {
+        Duration::from_secs(p.settle)
+    }
 }
 
 /// Times of [`SCRAPES`] sequential scrapes.
@@ -257,5 +278,27 @@ async fn hold_pair(
             while let Some(Ok(_)) = ws.next().await {}
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_close_reading_waits_after_ms_in_burst_mode_else_settle() {
+        let mut p = IdleParams {
+            url: "ws://127.0.0.1:1".into(),
+            sockets: 5000,
+            pid: 1,
+            pairs_per_server: 100,
+            concurrency: 200,
+            settle: 2,
+            scrape_url: None,
+            after_ms: 0,
+        };
+        assert_eq!(after_close_wait(&p), Duration::from_secs(2));
+        p.after_ms = 10_000;
+        assert_eq!(after_close_wait(&p), Duration::from_secs(10));
     }
 }

@@ -30,6 +30,7 @@ pub mod large;
 pub mod params;
 pub mod plot;
 pub mod procfs;
+pub mod ratios;
 pub mod report;
 pub mod v2;
 

@@ -20,6 +20,12 @@ pub const MAX_WINDOW: usize = 1024;
 pub const MAX_LARGE_MIB: usize = 64;
 /// Most sizes one `large` run may try.
 pub const MAX_LARGE_SIZES: usize = 8;
+/// Most pairs of `large` sending at once.
+pub const MAX_LARGE_PAIRS: usize = 16;
+/// Most MiB one `large` direction may have in flight (pairs × size).
+pub const MAX_LARGE_IN_FLIGHT_MIB: usize = 512;
+/// Longest settle or wait after a run (`--settle-ms`, `--after-ms`), ms.
+pub const MAX_WAIT_MS: u64 = 60_000;
 /// Deadline of every TCP connect plus WebSocket handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of every wait for one frame or notification.
@@ -140,6 +146,11 @@ pub struct IdleParams {
     /// `/metrics`, e.g. `http://127.0.0.1:9180/metrics`; loopback only).
     #[arg(long)]
     pub scrape_url: Option<String>,
+    /// Burst mode: after every socket is closed, wait this long, ms, before the last RSS
+    /// reading (`rss_after_close_kb`, `after_close_ratio` against `rss_start_kb`) instead
+    /// of `--settle`; 0 = off (the reading comes `--settle` s after the close).
+    #[arg(long, default_value_t = 0)]
+    pub after_ms: u64,
 }
 
 impl IdleParams {
@@ -160,6 +171,12 @@ impl IdleParams {
         in_range("--pairs-per-server", self.pairs_per_server, 1, MAX_SOCKETS)?;
         in_range("--concurrency", self.concurrency, 1, 1000)?;
         in_range("--settle", self.settle as usize, 0, 60)?;
+        in_range(
+            "--after-ms",
+            self.after_ms as usize,
+            0,
+            MAX_WAIT_MS as usize,
+        )?;
         in_range(
             "total sockets",
             self.sockets + self.controls(),
@@ -182,25 +199,86 @@ pub struct LargeParams {
     /// Message sizes, MiB (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub sizes: Vec<usize>,
+    /// Send text messages (printable ASCII, valid UTF-8) instead of binary ones.
+    #[arg(long)]
+    pub text: bool,
+    /// Pairs, all sending their message at the same time in the same direction.
+    #[arg(long, default_value_t = 1)]
+    pub pairs: usize,
+    /// Pause after both directions of a size, with the pairs still open, before the RSS
+    /// reading of `kept_kb`, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub settle_ms: u64,
+    /// Wait after closing every socket of the run before the RSS reading of
+    /// `after_close_kb` / `after_close_ratio`, ms (0 = no close reading).
+    #[arg(long, default_value_t = 10_000)]
+    pub after_ms: u64,
 }
 
 impl LargeParams {
+    /// The parameters of one `large` run of `sizes` with every other value the default.
+    pub fn new(url: impl Into<String>, pid: Option<u32>, sizes: Vec<usize>) -> LargeParams {
+        LargeParams {
+            url: url.into(),
+            pid,
+            sizes,
+            text: false,
+            pairs: 1,
+            settle_ms: 1000,
+            after_ms: 10_000,
+        }
+    }
+
     /// Checks every bound and the URL.
     pub fn validate(&self) -> Result<RelayUrl> {
         in_range("number of --sizes", self.sizes.len(), 1, MAX_LARGE_SIZES)?;
         for &s in &self.sizes {
             in_range("--sizes", s, 1, MAX_LARGE_MIB)?;
         }
+        in_range("--pairs", self.pairs, 1, MAX_LARGE_PAIRS)?;
+        let biggest = self.sizes.iter().copied().max().unwrap_or(0);
+        in_range(
+            "--pairs × the largest of --sizes (MiB in flight)",
+            self.pairs * biggest,
+            1,
+            MAX_LARGE_IN_FLIGHT_MIB,
+        )?;
+        in_range(
+            "--settle-ms",
+            self.settle_ms as usize,
+            0,
+            MAX_WAIT_MS as usize,
+        )?;
+        in_range(
+            "--after-ms",
+            self.after_ms as usize,
+            0,
+            MAX_WAIT_MS as usize,
+        )?;
         RelayUrl::parse(&self.url)
     }
 }
 
-/// `plot`: latency percentiles against load, from `echo`/`baseline` JSON lines.
+/// What `plot` draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlotKind {
+    /// Latency percentiles against load, from `echo`/`baseline` lines.
+    Latency,
+    /// One bar per figure of `compare` lines: the ratio a/b, with a line at 1.
+    Ratios,
+}
+
+/// `plot`: latency percentiles against load, from `echo`/`baseline` JSON lines, or
+/// (`--kind ratios`) the ratios of `compare` JSON lines as bars.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PlotParams {
-    /// JSON lines written by `echo --json` / `baseline --json` (other lines are skipped).
+    /// JSON lines written by `echo --json` / `baseline --json` / `compare --json` (lines of
+    /// other kinds are skipped).
     #[arg(long)]
     pub input: PathBuf,
+    /// What to draw.
+    #[arg(long, value_enum, default_value_t = PlotKind::Latency)]
+    pub kind: PlotKind,
     /// PNG to write.
     #[arg(long, default_value = "latency.png")]
     pub output: PathBuf,
@@ -454,8 +532,13 @@ mod tests {
             concurrency: 200,
             settle: 2,
             scrape_url: None,
+            after_ms: 10_000,
         };
         assert_eq!(p.controls(), 10);
+        assert!(p.validate().is_ok());
+        p.after_ms = MAX_WAIT_MS + 1;
+        assert!(p.validate().is_err());
+        p.after_ms = 0;
         assert!(p.validate().is_ok());
         p.sockets = 2001;
         assert!(p.validate().is_err());
@@ -467,11 +550,11 @@ mod tests {
 
     #[test]
     fn large_sizes_are_bounded() {
-        let mut p = LargeParams {
-            url: "ws://127.0.0.1:1".into(),
-            pid: None,
-            sizes: vec![1, 8, 32],
-        };
+        let mut p = LargeParams::new("ws://127.0.0.1:1", None, vec![1, 8, 32]);
+        assert_eq!(
+            (p.pairs, p.text, p.settle_ms, p.after_ms),
+            (1, false, 1000, 10_000)
+        );
         assert!(p.validate().is_ok());
         p.sizes = vec![0];
         assert!(p.validate().is_err());
@@ -479,5 +562,51 @@ mod tests {
         assert!(p.validate().is_err());
         p.sizes = vec![];
         assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn large_pairs_and_waits_are_bounded() {
+        let ok = LargeParams {
+            pairs: 8,
+            ..LargeParams::new("ws://127.0.0.1:1", Some(1), vec![30])
+        };
+        assert!(ok.validate().is_ok());
+        let bad = [
+            LargeParams {
+                pairs: 0,
+                ..ok.clone()
+            },
+            LargeParams {
+                pairs: MAX_LARGE_PAIRS + 1,
+                sizes: vec![1],
+                ..ok.clone()
+            },
+            // 16 × 64 MiB = 1 GiB in flight: over the 512 MiB cap
+            LargeParams {
+                pairs: 16,
+                sizes: vec![1, 64],
+                ..ok.clone()
+            },
+            LargeParams {
+                settle_ms: MAX_WAIT_MS + 1,
+                ..ok.clone()
+            },
+            LargeParams {
+                after_ms: MAX_WAIT_MS + 1,
+                ..ok.clone()
+            },
+        ];
+        for p in bad {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.starts_with("invalid argument: --"), "{e}");
+        }
+        let zero_waits = LargeParams {
+            settle_ms: 0,
+            after_ms: 0,
+            pairs: 16,
+            sizes: vec![32],
+            ..ok
+        };
+        assert!(zero_waits.validate().is_ok());
     }
 }

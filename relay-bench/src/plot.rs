@@ -4,7 +4,7 @@
 //! (a DejaVu Sans subset), so no system font or fontconfig is needed.
 
 use crate::error::{BenchError, Result};
-use crate::params::PlotParams;
+use crate::params::{PlotKind, PlotParams};
 use crate::report::Record;
 use plotters::coord::combinators::IntoLogRange;
 use plotters::element::DashedPathElement;
@@ -74,6 +74,14 @@ fn point_of(line: &str) -> Option<Point> {
     })
 }
 
+/// Registers the bundled font as `sans-serif` (once per process).
+pub(crate) fn register_font() {
+    static FONT_ONCE: Once = Once::new();
+    FONT_ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
 /// Draws `points` as a PNG at `p.output`.
 pub fn draw(points: &[Point], p: &PlotParams) -> Result<()> {
     let mut rgb = vec![0u8; p.width as usize * p.height as usize * 3];
@@ -83,7 +91,7 @@ pub fn draw(points: &[Point], p: &PlotParams) -> Result<()> {
 
 /// Encodes 8-bit RGB pixels as a PNG file (the `png` crate directly: plotters' own encoder
 /// would bring the whole `image` crate).
-fn write_png(rgb: &[u8], p: &PlotParams) -> Result<()> {
+pub(crate) fn write_png(rgb: &[u8], p: &PlotParams) -> Result<()> {
     let fail = |e: &dyn std::fmt::Display| BenchError::Io(format!("{}: {e}", p.output.display()));
     let file = std::fs::File::create(&p.output).map_err(|e| fail(&e))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), p.width, p.height);
@@ -96,10 +104,7 @@ fn write_png(rgb: &[u8], p: &PlotParams) -> Result<()> {
 
 /// Draws the chart into an RGB buffer of `p.width` × `p.height` pixels.
 fn draw_rgb(points: &[Point], p: &PlotParams, rgb: &mut [u8]) -> Result<()> {
-    static FONT_ONCE: Once = Once::new();
-    FONT_ONCE.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    });
+    register_font();
     let fail = |e: &dyn std::fmt::Display| BenchError::Io(format!("{}: {e}", p.output.display()));
     let max_load = points.iter().map(|q| q.load).fold(1.0, f64::max) * 1.05;
     let all = points.iter().flat_map(|q| q.latency_us);
@@ -169,6 +174,9 @@ pub fn run_plot(p: &PlotParams) -> Result<Record> {
     p.validate()?;
     let text = std::fs::read_to_string(&p.input)
         .map_err(|e| BenchError::Io(format!("{}: {e}", p.input.display())))?;
+    if p.kind == PlotKind::Ratios {
+        return crate::ratios::run(&text, p);
+    }
     let points = read_points(&text);
     if points.is_empty() {
         return Err(BenchError::Invalid(format!(
@@ -219,6 +227,7 @@ not json
         let p = PlotParams {
             input,
             output: dir.join("out.png"),
+            kind: PlotKind::Latency,
             width: 400,
             height: 300,
         };

@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 pub enum Field {
     /// A count or an integer figure.
     Count(u64),
+    /// A difference that may be negative (e.g. RSS kept after a run, kB).
+    Signed(i64),
     /// An identifier such as a process id (never grouped by thousands).
     Id(u64),
     /// A measured real number.
@@ -30,6 +32,11 @@ impl From<u64> for Field {
 impl From<usize> for Field {
     fn from(v: usize) -> Self {
         Field::Count(v as u64)
+    }
+}
+impl From<i64> for Field {
+    fn from(v: i64) -> Self {
+        Field::Signed(v)
     }
 }
 impl From<f64> for Field {
@@ -63,6 +70,7 @@ impl Field {
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             Field::Count(v) | Field::Id(v) => (*v).into(),
+            Field::Signed(v) => (*v).into(),
             Field::Real(v) => serde_json::Number::from_f64((v * 1000.0).round() / 1000.0)
                 .map_or(serde_json::Value::Null, serde_json::Value::Number),
             Field::Text(v) => v.as_str().into(),
@@ -75,6 +83,8 @@ impl Field {
     pub fn to_human(&self) -> String {
         match self {
             Field::Count(v) => group_thousands(*v),
+            Field::Signed(v) if *v < 0 => format!("-{}", group_thousands(v.unsigned_abs())),
+            Field::Signed(v) => group_thousands(v.unsigned_abs()),
             Field::Id(v) => v.to_string(),
             Field::Real(v) => format_real(*v),
             Field::Text(v) => v.clone(),
@@ -302,21 +312,23 @@ mod tests {
         a.set("size_mib", 1usize)
             .set("mb_per_s", 1234.5678)
             .set("pid", Field::Id(12345))
-            .set("verified", true);
+            .set("verified", true)
+            .set("kept_kb", -1234i64);
         let mut b = Record::new("large");
         b.set("size_mib", 32usize).set("mb_per_s", 987.0);
         assert_eq!(
             a.to_json_line(),
-            r#"{"kind":"large","size_mib":1,"mb_per_s":1234.568,"pid":12345,"verified":true}"#
+            r#"{"kind":"large","size_mib":1,"mb_per_s":1234.568,"pid":12345,"verified":true,"kept_kb":-1234}"#
         );
         let t = table(&[a, b]);
         assert_eq!(
             t,
-            "kind      large  large\n\
-             size_mib      1     32\n\
-             mb_per_s  1 235    987\n\
-             pid       12345      -\n\
-             verified    yes      -\n"
+            "kind       large  large\n\
+             size_mib       1     32\n\
+             mb_per_s   1 235    987\n\
+             pid        12345      -\n\
+             verified     yes      -\n\
+             kept_kb   -1 234      -\n"
         );
     }
 }

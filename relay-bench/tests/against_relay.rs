@@ -139,6 +139,7 @@ async fn workloads_report_exact_structure_against_the_real_relay() {
         concurrency: 5,
         settle: 0,
         scrape_url: Some(format!("http://{}/metrics", relay.admin.addr)),
+        after_ms: 50,
     };
     let r = run_idle(&idle).await.expect("idle");
     assert!(real(&r, "scrape_ms_max") >= real(&r, "scrape_ms_p50"));
@@ -147,18 +148,42 @@ async fn workloads_report_exact_structure_against_the_real_relay() {
     assert_eq!(count(&r, "controls"), 3);
     assert_eq!(count(&r, "sockets_total"), 23);
     assert_eq!(count(&r, "pairs_closed_early"), 0);
+    assert_eq!(count(&r, "after_close_ms"), 50);
+    assert!(real(&r, "after_close_ratio") > 0.0);
 
     let large = LargeParams {
-        url,
-        pid: Some(pid),
-        sizes: vec![1, 2],
+        settle_ms: 0,
+        after_ms: 10,
+        ..LargeParams::new(url.clone(), Some(pid), vec![1, 2])
     };
     let rs = run_large(&large).await.expect("large");
     assert_eq!(rs.len(), 2);
     for (r, mib) in rs.iter().zip([1u64, 2]) {
         assert_eq!(count(r, "size_bytes"), mib << 20);
         assert_eq!(r.get("verified"), Some(&Field::Flag(true)));
+        assert_eq!(r.get("message"), Some(&Field::Text("binary".into())));
         assert!(real(r, "app_to_daemon_mb_per_s") > 0.0);
         assert!(count(r, "rss_peak_kb") >= count(r, "rss_before_kb") / 2);
+        assert!(matches!(r.get("kept_kb"), Some(Field::Signed(_))));
+        assert!(matches!(r.get("after_close_kb"), Some(Field::Signed(_))));
     }
+
+    // Two pairs at once, text messages: each pair gets its own bytes back, as text.
+    let text = LargeParams {
+        text: true,
+        pairs: 2,
+        settle_ms: 0,
+        after_ms: 0,
+        ..LargeParams::new(url, Some(pid), vec![1])
+    };
+    let rs = run_large(&text).await.expect("large --text --pairs 2");
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].get("message"), Some(&Field::Text("text".into())));
+    assert_eq!(count(&rs[0], "pairs"), 2);
+    assert_eq!(count(&rs[0], "bytes_per_direction"), 2 << 20);
+    assert_eq!(
+        rs[0].get("rss_after_close_kb"),
+        Some(&Field::Missing),
+        "--after-ms 0: no close reading"
+    );
 }
