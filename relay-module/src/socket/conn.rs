@@ -36,6 +36,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -58,8 +60,17 @@ const READ_BUFFER_BYTES: usize = 1 << 10;
 /// While the peer streams (a read fills tungstenite's whole buffer), the socket is read in
 /// chunks this large into a buffer that is freed once the socket is drained.
 const READAHEAD_BYTES: usize = 16 << 10;
-/// tungstenite write buffer target, in bytes; a flush always writes everything.
-const WRITE_BUFFER_BYTES: usize = 64 << 10;
+/// tungstenite write buffer target, in bytes: once more is buffered it is written out, and
+/// a flush always writes everything. A batch of small messages fits in one write; with
+/// [`MAX_FRAME_OUT_BYTES`] it bounds what the buffer ever holds (and keeps allocated).
+const WRITE_BUFFER_BYTES: usize = 8 << 10;
+/// Largest frame payload the relay writes, in bytes. A longer data message goes out as a
+/// fragmented message (RFC 6455 §5.4: an intermediary may change the fragmentation of a
+/// message without extensions; opcode and bytes are unchanged, spec §0) whose frames are
+/// slices of the one received payload: tungstenite's write buffer copies one fragment at a
+/// time instead of the whole message, so a 32 MiB message is held once, not twice, and no
+/// socket keeps a message-sized write buffer after it (issue 11).
+const MAX_FRAME_OUT_BYTES: usize = 8 << 10;
 
 /// Largest payload of a close frame the relay sends (RFC 6455 §5.5: 125 bytes).
 const MAX_CLOSE_PAYLOAD: usize = 125;
@@ -907,7 +918,7 @@ where
         }
         size += msg.len();
         count += 1;
-        sink.feed(msg).await?;
+        feed(sink, msg).await?;
         if is_close {
             sink.flush().await?;
             return Ok((batch, Some(WriterEnd::SentClose)));
@@ -918,6 +929,28 @@ where
     }
     sink.flush().await?;
     Ok((batch, None))
+}
+
+/// Buffers `msg` in tungstenite (writing out what exceeds its buffer): a data message longer
+/// than [`MAX_FRAME_OUT_BYTES`] as consecutive fragments sliced from its payload (no copy of
+/// the payload, no other frame of data in between: this task is the socket's only writer).
+async fn feed<S>(sink: &mut Sink<S>, msg: Message) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (payload, first) = match msg {
+        Message::Binary(b) if b.len() > MAX_FRAME_OUT_BYTES => (b, OpData::Binary),
+        Message::Text(t) if t.len() > MAX_FRAME_OUT_BYTES => (Bytes::from(t), OpData::Text),
+        other => return sink.feed(other).await,
+    };
+    let mut opcode = OpCode::Data(first);
+    for start in (0..payload.len()).step_by(MAX_FRAME_OUT_BYTES) {
+        let end = (start + MAX_FRAME_OUT_BYTES).min(payload.len());
+        let frame = Frame::message(payload.slice(start..end), opcode, end == payload.len());
+        sink.feed(Message::Frame(frame)).await?;
+        opcode = OpCode::Data(OpData::Continue);
+    }
+    Ok(())
 }
 
 async fn write_loop<S>(
