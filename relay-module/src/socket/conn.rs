@@ -22,7 +22,7 @@
 use crate::protocol::{close, is_json_ping, ControlMessage, Role, SocketKind, Version};
 use crate::session::hub::{short_id, Attachment, SessionHub};
 use crate::session::Forward;
-use crate::socket::ingress::{FrameCursor, Ingress, Refusal, Step};
+use crate::socket::ingress::{FrameCursor, Ingress, Refusal, Step, LARGE_FRAME_BYTES};
 use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -572,6 +572,9 @@ where
     let mut stream_done = false;
     let mut pings_while_blocked = 0u32;
     let mut returned: Option<(WriterEnd, Sink<S>)> = None;
+    // The payload of the last large message, held until the next read has started (see
+    // `ingress::LARGE_FRAME_BYTES`).
+    let mut held: Option<Bytes> = None;
     let end = loop {
         let alive = io.last_alive().max(last_progress);
         let deadline = grace.unwrap_or(alive + conf.ping_timeout());
@@ -611,7 +614,7 @@ where
                     att.hub().metrics().ping_timeouts.inc();
                 }
             }
-            frame = stream.next(), if !stream_done => match frame {
+            frame = ReleaseAfterPoll { inner: stream.next(), held: &mut held }, if !stream_done => match frame {
                 None => break ReadEnd::Linger(returned.take().map(|(_, sink)| sink)),
                 Some(Ok(msg)) => {
                     if let Message::Ping(_) = msg {
@@ -631,6 +634,13 @@ where
                         Message::Text(_) | Message::Binary(_) => {
                             received.msgs += 1;
                             received.bytes += msg.len() as u64;
+                            if msg.len() as u64 >= LARGE_FRAME_BYTES {
+                                held = match &msg {
+                                    Message::Binary(b) => Some(b.clone()),
+                                    Message::Text(t) => Some(Bytes::from(t.clone())),
+                                    _ => None,
+                                };
+                            }
                         }
                         Message::Close(frame) => {
                             let close = frame.as_ref().map(|f| (u16::from(f.code), f.reason.as_str()));
@@ -664,6 +674,25 @@ where
         }
     };
     (stream, end, received)
+}
+
+/// Polls `inner` (the next frame) and then drops `held`: the payload of the last large
+/// message stays referenced while tungstenite starts its next read, so that its read
+/// buffer, of which the payload is a slice, is replaced instead of kept (see
+/// `ingress::LARGE_FRAME_BYTES`).
+struct ReleaseAfterPoll<'a, F> {
+    inner: F,
+    held: &'a mut Option<Bytes>,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for ReleaseAfterPoll<'_, F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let out = Pin::new(&mut this.inner).poll(cx);
+        *this.held = None;
+        out
+    }
 }
 
 /// Ends a connection politely within `grace`: takes the write half back from the writer,

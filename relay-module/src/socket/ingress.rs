@@ -28,6 +28,15 @@ use tokio::time::Sleep;
 /// Largest payload of a control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
+/// Data frames at least this long, bytes, are handed to tungstenite with their header
+/// ending the read (issue 11). tungstenite then sizes its read buffer to exactly the
+/// payload, which it hands on as a slice of that buffer: with no room left after it, its
+/// next read has to take a fresh small buffer while the payload is still referenced (the
+/// reader holds it across that read, `conn::read_loop`), and the message-sized buffer is
+/// freed with the payload instead of staying with the socket (64 MB per pair after one
+/// 32 MiB message each way).
+pub const LARGE_FRAME_BYTES: u64 = 64 << 10;
+
 /// The process-wide budget; one per hub, shared by every socket as `Arc<IngressBudget>`.
 #[derive(Debug)]
 pub struct IngressBudget {
@@ -376,6 +385,9 @@ impl Ingress {
                         if self.frames.commit(&h) {
                             self.frame_ended();
                         }
+                        if h.is_data() && h.len >= LARGE_FRAME_BYTES && pos < input.len() {
+                            return Poll::Ready(Ok(pos)); // see LARGE_FRAME_BYTES
+                        }
                     }
                     // Hand what comes before the header's last byte (tungstenite then has
                     // no complete header, so it reserves nothing either); decide again then.
@@ -542,6 +554,29 @@ mod tests {
             }
         }
         assert_eq!(Header::parse(&[0x81]), None);
+    }
+
+    #[test]
+    fn a_large_data_frame_s_header_ends_the_read() {
+        let budget = IngressBudget::new(1 << 20, Duration::from_secs(1));
+        let mut ing = Ingress::new(budget.clone(), 1 << 20);
+        let mut input = frame(true, 2, 100); // small: passes with what follows
+        let small = input.len();
+        input.extend(frame(true, 2, LARGE_FRAME_BYTES as usize)); // 14-byte header
+        let first = ing.admit(&input[..small + 1024], &mut cx());
+        assert!(
+            matches!(first, Poll::Ready(Ok(n)) if n == small + 14),
+            "{first:?}"
+        );
+        // The payload follows in later reads; a control frame never ends a read early.
+        let rest = &input[small + 14..];
+        assert!(matches!(ing.admit(rest, &mut cx()), Poll::Ready(Ok(n)) if n == rest.len()));
+        assert!(ing.frames.at_boundary());
+        let ping = frame(true, 9, 4);
+        assert!(matches!(ing.admit(&ping, &mut cx()), Poll::Ready(Ok(n)) if n == ping.len()));
+        // A header that is the whole input hands it all.
+        let h = header(false, 1, LARGE_FRAME_BYTES, Some(MASK));
+        assert!(matches!(ing.admit(&h, &mut cx()), Poll::Ready(Ok(n)) if n == h.len()));
     }
 
     #[test]
