@@ -8,12 +8,14 @@
 //! started with `--upgrade` (1012), SIGINT fast stop, SIGHUP TLS certificate reload.
 
 mod logging;
+mod memory;
 mod settings;
 
 use clap::Parser;
 use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server};
 use relay_module::cluster::Cluster;
+use relay_module::ops::memory::TrimService;
 use relay_module::{add_relay, Lifecycle, Listener, RelaySignals, SessionHub};
 use settings::{Flags, Settings};
 
@@ -162,6 +164,10 @@ fn main() {
         }
     }
     ignore_sighup_until_handled();
+    // Before the relay allocates its buffers (issue 11).
+    if !memory::tune_allocator() {
+        log::debug!("allocator: no fixed mmap threshold (not glibc)");
+    }
     match raise_open_file_limit() {
         Ok((old, new)) if old != new => {
             log::info!("open-file limit raised from {old} to {new} (the hard limit)")
@@ -197,6 +203,10 @@ fn main() {
         &life,
         cluster.as_ref(),
     );
+    server.add_service(pingora::services::background::background_service(
+        "relay memory trim",
+        TrimService::new(hub.clone(), memory::trim),
+    ));
     let shown: Vec<String> = listeners
         .iter()
         .map(|l| match l.tls {

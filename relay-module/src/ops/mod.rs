@@ -1,8 +1,10 @@
 //! Operations: what runs beside the sessions as Pingora background services. The shutdown
 //! drain ([`lifecycle`]), the TLS certificate store and its SIGHUP reload ([`tls`]), and the
-//! nudge/reset timer service ([`TimerService`]).
+//! nudge/reset timer service ([`TimerService`]), and handing freed memory back to the OS
+//! ([`memory`]).
 
 pub mod lifecycle;
+pub mod memory;
 pub mod metrics;
 pub mod tls;
 
