@@ -1375,3 +1375,45 @@ async fn case56_app_close_codes_cascade() {
     assert_eq!(next_event(&mut c).await, disconnected("a"));
     healthy.assert_intact(&relay).await;
 }
+
+/// A data message over 8 KiB leaves the relay as one fragmented message of 8 KiB frames
+/// (RFC 6455 §5.4; issue 11): binary then continuation frames, FIN on the last only, the
+/// bytes unchanged; a text message likewise with opcode 1; a small one stays one frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_leave_the_relay_as_8_kib_fragments() {
+    let relay = TestRelay::start().await;
+    let mut h = Hostile::open(&relay).await;
+    let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let text = "x".repeat(16_385);
+    send_binary(&mut h.d, &bytes).await;
+    send_text(&mut h.d, &text).await;
+    send_binary(&mut h.d, &bytes[..8192]).await;
+    let mut frames = Vec::new();
+    for i in 0..6 {
+        let f = h.k.expect_frame().await;
+        if i < 3 {
+            assert_eq!(
+                f.payload[..],
+                bytes[i * 8192..][..f.payload.len()],
+                "frame {i}"
+            );
+        } else {
+            assert!(f.payload.iter().all(|&b| b == b'x'), "frame {i}");
+        }
+        frames.push((f.fin, f.opcode, f.payload.len()));
+    }
+    assert_eq!(
+        frames,
+        [
+            (false, 2, 8192),
+            (false, 0, 8192),
+            (true, 0, 20_000 - 2 * 8192),
+            (false, 1, 8192),
+            (false, 0, 8192),
+            (true, 0, 1),
+        ]
+    );
+    let small = h.k.expect_frame().await;
+    assert_eq!((small.fin, small.opcode), (true, 2));
+    assert_eq!(small.payload, bytes[..8192]);
+}

@@ -61,8 +61,9 @@ const READ_BUFFER_BYTES: usize = 1 << 10;
 /// chunks this large into a buffer that is freed once the socket is drained.
 const READAHEAD_BYTES: usize = 16 << 10;
 /// tungstenite write buffer target, in bytes: once more is buffered it is written out, and
-/// a flush always writes everything. A batch of small messages fits in one write; with
-/// [`MAX_FRAME_OUT_BYTES`] it bounds what the buffer ever holds (and keeps allocated).
+/// a flush always writes everything. Small messages are written together up to about this
+/// much; with [`MAX_FRAME_OUT_BYTES`] it bounds what the buffer ever holds (and keeps
+/// allocated) to about twice it.
 const WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// Largest frame payload the relay writes, in bytes. A longer data message goes out as a
 /// fragmented message (RFC 6455 §5.4: an intermediary may change the fragmentation of a
@@ -90,8 +91,10 @@ fn message_limit(kind: &SocketKind, conf: &crate::RelayConf) -> usize {
 /// control socket), never unmasked client frames.
 pub fn ws_config(kind: &SocketKind, conf: &crate::RelayConf) -> WebSocketConfig {
     let max = message_limit(kind, conf);
-    // What the writer can legitimately have buffered: one batch plus one largest message,
-    // plus room for a large `sync` and a few pongs. Beyond it tungstenite refuses to buffer.
+    // A generous cap on what tungstenite may buffer (since issue 11 the writer buffers at most
+    // about 2 x WRITE_BUFFER_BYTES, a message's fragments being written as they go): one
+    // largest message plus a batch, a large `sync` and a few pongs. Beyond it tungstenite
+    // refuses to buffer.
     let max_write_buffer =
         conf.max_message_bytes + MAX_BATCH_BYTES + WRITE_BUFFER_BYTES + (1 << 20);
     WebSocketConfig::default()
@@ -962,7 +965,9 @@ where
 
 /// Buffers `msg` in tungstenite (writing out what exceeds its buffer): a data message longer
 /// than [`MAX_FRAME_OUT_BYTES`] as consecutive fragments sliced from its payload (no copy of
-/// the payload, no other frame of data in between: this task is the socket's only writer).
+/// the payload, no other data frame in between: this task is the socket's only writer of
+/// data frames; the reader's pongs and close echo are control frames, which RFC 6455 §5.4
+/// lets come between fragments).
 async fn feed<S>(sink: &mut Sink<S>, msg: Message) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,

@@ -34,7 +34,9 @@ const MAX_CONTROL_PAYLOAD: u64 = 125;
 /// next read has to take a fresh small buffer while the payload is still referenced (the
 /// reader holds it across that read, `conn::read_loop`), and the message-sized buffer is
 /// freed with the payload instead of staying with the socket (64 MB per pair after one
-/// 32 MiB message each way).
+/// 32 MiB message each way). This holds for a message sent as one frame (what Paseo sends);
+/// of a fragmented message tungstenite reassembles a copy, and its read buffer stays as large
+/// as the largest fragment.
 pub const LARGE_FRAME_BYTES: u64 = 64 << 10;
 
 /// The process-wide budget; one per hub, shared by every socket as `Arc<IngressBudget>`.
@@ -359,7 +361,8 @@ impl Ingress {
     /// How many bytes of `input` (the next bytes for tungstenite, in order) may be handed
     /// over now: `Ready(Ok(n))` with `n > 0` unless `input` is empty; `Pending` when the
     /// first of them must wait for room (woken when room frees or the wait times out);
-    /// `Ready(Err)` when the socket must end ([`Refusal`]). Bytes it did not take must be
+    /// `Ready(Err)` when the socket must end ([`Refusal`]). It stops right after the header
+    /// of a data frame of [`LARGE_FRAME_BYTES`] or more. Bytes it did not take must be
     /// offered again, first, on the next call.
     pub fn admit(&mut self, input: &[u8], cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.budget.is_none() {
