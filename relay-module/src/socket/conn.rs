@@ -73,6 +73,10 @@ const WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// socket keeps a message-sized write buffer after it (issue 11).
 const MAX_FRAME_OUT_BYTES: usize = 8 << 10;
 
+/// A timer set this far ahead is off: the read loop's timer after it fired, until the loop
+/// sets the next deadline.
+const NEVER: Duration = Duration::from_secs(24 * 3600);
+
 /// Largest payload of a close frame the relay sends (RFC 6455 §5.5: 125 bytes).
 const MAX_CLOSE_PAYLOAD: usize = 125;
 /// The code `paseo_relay_closes_total` counts a close frame without a status code under
@@ -119,12 +123,14 @@ where
     let (stream, io) = Activity::new(stream, preread, att.hub(), message_limit(&att.kind, conf));
     // Boxed, like the end of the socket below: one-off steps whose state would otherwise be
     // reserved in the task for the socket's whole life (idle memory, spec §0 targets).
-    let ws = Box::pin(WebSocketStream::from_raw_socket(
+    let mut ws = Box::pin(WebSocketStream::from_raw_socket(
         stream,
         WsRole::Server,
         Some(config),
     ))
     .await;
+    // This task is the reader (`read_loop` below): read readiness wakes it alone.
+    ws.get_mut().reader = Some(std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await);
     let (sink, stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -246,6 +252,12 @@ struct Activity<S> {
     streaming: bool,
     ingress: Ingress,
     egress: Egress,
+    /// The reader task's waker, registered for read readiness instead of the waker
+    /// tokio-tungstenite passes (which wakes the reader *and* the writer task on every
+    /// inbound frame: a spurious poll of the writer and, with two runnable tasks, a wake-up
+    /// of another worker thread per relayed message; issue 11). Only the reader reads: the
+    /// writer's sink operations never call `poll_read`.
+    reader: Option<std::task::Waker>,
 }
 
 /// Follows the frames the relay writes, to catch its close frame.
@@ -393,6 +405,7 @@ impl<S> Activity<S> {
                 streaming: false,
                 ingress: Ingress::new(hub.ingress().clone(), limit),
                 egress: Egress::default(),
+                reader: None,
             },
             io,
         )
@@ -424,6 +437,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        // Moved out and back, not cloned: no reference count traffic per read.
+        let reader = this.reader.take();
+        let res = match &reader {
+            Some(waker) => this.read_woken(&mut Context::from_waker(waker), buf),
+            None => this.read_woken(cx, buf),
+        };
+        this.reader = reader;
+        res
+    }
+}
+
+impl<S: AsyncRead + Unpin> Activity<S> {
+    /// [`AsyncRead::poll_read`], woken through `cx`.
+    fn read_woken(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self;
         if this.ahead.is_none() && this.streaming {
             this.ahead = Some(ReadAhead {
                 buf: vec![0u8; READAHEAD_BYTES].into_boxed_slice(),
@@ -578,12 +610,25 @@ where
     // The payload of the last large message, held until the next read has started (see
     // `ingress::LARGE_FRAME_BYTES`).
     let mut held: Option<Bytes> = None;
+    // The close signal and the timer live across iterations: made anew per message, each
+    // would register in (and leave) the signal's waiter list and the timer wheel per
+    // relayed message (issue 11). The timer is moved earlier at once, later only when it
+    // fires (most messages move the deadline a little later).
+    let closed = att.outbox.closed();
+    tokio::pin!(closed);
+    let mut armed = Instant::now() + conf.ping_timeout();
+    let timer = tokio::time::sleep_until(armed);
+    tokio::pin!(timer);
     let end = loop {
         let alive = io.last_alive().max(last_progress);
         let deadline = grace.unwrap_or(alive + conf.ping_timeout());
+        if deadline < armed {
+            armed = deadline;
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
             biased;
-            _ = att.outbox.closed(), if grace.is_none() => {
+            _ = &mut closed, if grace.is_none() => {
                 // The close frame may sit behind queued data: the writer's own stall check
                 // bounds the drain; this is the outer bound.
                 grace = Some(Instant::now() + conf.slow_consumer_timeout() + conf.close_grace());
@@ -604,7 +649,13 @@ where
                 }
                 returned = Some((end, sink));
             }
-            _ = sleep_until(deadline) => {
+            _ = &mut timer => {
+                // Fired: disarmed until the top of the loop sets the deadline again.
+                armed = Instant::now() + NEVER;
+                timer.as_mut().reset(armed);
+                if deadline > Instant::now() {
+                    continue; // the deadline moved later since the timer was set
+                }
                 if grace.is_some() {
                     debug!("{}: no close reply within the grace period", att.describe());
                     break ReadEnd::Drop;
@@ -654,8 +705,9 @@ where
                         }
                         _ => {}
                     }
-                    on_message(msg, att, conf).await;
-                    last_progress = Instant::now();
+                    if on_message(msg, att, conf).await == Delivery::Waited {
+                        last_progress = Instant::now();
+                    }
                 }
                 Some(Err(e)) => {
                     stream_done = true;
@@ -758,11 +810,19 @@ fn close_for_error(e: &WsError) -> Option<(u16, &'static str)> {
     }
 }
 
-async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
+/// Whether handling a message waited (for room in a destination's queue): that time is
+/// not the peer's silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    AtOnce,
+    Waited,
+}
+
+async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) -> Delivery {
     if !matches!(msg, Message::Text(_) | Message::Binary(_)) || att.outbox.is_closing() {
         // Ping is answered by tungstenite, Close is echoed by it; Pong only counts as life.
         // A socket the relay is closing forwards nothing more.
-        return;
+        return Delivery::AtOnce;
     }
     if att.kind == SocketKind::Control {
         if let Message::Text(text) = &msg {
@@ -771,7 +831,7 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
                 att.outbox.push_control(Message::text(pong));
             }
         }
-        return;
+        return Delivery::AtOnce;
     }
     // Fast path, almost every message: one destination with room queues without waiting.
     // Waiting for room, fan-out and re-routing run in a boxed future, so that every socket's
@@ -779,12 +839,15 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
     let msg = unshare(msg);
     let len = msg.len();
     let route = match att.forward(msg) {
-        Forward::Drop => return,
-        Forward::Buffered => return forwarded(att, len),
+        Forward::Drop => return Delivery::AtOnce,
+        Forward::Buffered => {
+            forwarded(att, len);
+            return Delivery::AtOnce;
+        }
         Forward::One(to, msg) => {
             forwarded(att, len);
             match to.try_send_data(msg) {
-                Ok(()) => return,
+                Ok(()) => return Delivery::AtOnce,
                 Err(msg) => Forward::One(to, msg),
             }
         }
@@ -795,6 +858,7 @@ async fn on_message(msg: Message, att: &Attachment, conf: &crate::RelayConf) {
         Forward::OverBudget => Forward::OverBudget,
     };
     Box::pin(forward_waiting(route, att, conf)).await;
+    Delivery::Waited
 }
 
 /// Counts a data message of `len` payload bytes that the relay accepted for forwarding:
@@ -1122,6 +1186,51 @@ mod tests {
         drop(peer);
         let mut rest = Vec::new();
         assert_eq!(a.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicU64);
+    impl futures_util::task::ArcWake for Wakes {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A stream with nothing to read that keeps the waker of its last `poll_read`.
+    #[derive(Default)]
+    struct Silent(Option<std::task::Waker>);
+    impl AsyncRead for Silent {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.0 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn read_readiness_wakes_the_reader_task_not_the_caller() {
+        let hub = SessionHub::new(crate::RelayConf::default());
+        let (mut a, _io) = Activity::new(Silent::default(), Vec::new(), &hub, 1 << 20);
+        let (reader, other) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
+        a.reader = Some(futures_util::task::waker(reader.clone()));
+        // tokio-tungstenite polls with a waker that would wake the writer task too.
+        let waker = futures_util::task::waker(other.clone());
+        let mut space = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut space);
+        let polled = Pin::new(&mut a).poll_read(&mut Context::from_waker(&waker), &mut buf);
+        assert!(polled.is_pending());
+        a.inner
+            .0
+            .take()
+            .expect("the inner stream was polled")
+            .wake();
+        assert_eq!(reader.0.load(Ordering::Relaxed), 1);
+        assert_eq!(other.0.load(Ordering::Relaxed), 0);
+        assert!(a.reader.is_some(), "kept for the next read");
     }
 
     /// A masked client frame with the all-zero key and `len` zero bytes of payload.
