@@ -26,7 +26,7 @@ use crate::socket::ingress::{FrameCursor, Ingress, Refusal, Step, LARGE_FRAME_BY
 use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError};
 use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use log::{debug, info, warn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,29 +110,82 @@ pub fn ws_config(kind: &SocketKind, conf: &crate::RelayConf) -> WebSocketConfig 
 }
 
 /// Runs a socket whose 101 has been written: `stream` is the raw connection and `preread` the
-/// bytes the peer sent behind its request head. Returns when the socket is gone; dropping
-/// the attachment then detaches it from its session.
-pub async fn run<S>(stream: S, preread: Vec<u8>, att: Attachment, rx: OutboxReceiver)
+/// bytes the peer sent behind its request head. The returned future (to spawn as the
+/// socket's reader task) ends when the socket is gone; dropping the attachment then detaches
+/// it from its session. Called on the runtime: it spawns the socket's writer task at once.
+pub fn run<S>(
+    stream: S,
+    preread: Vec<u8>,
+    att: Attachment,
+    rx: OutboxReceiver,
+) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Borrowed from the attachment, not copied: each copy would live in every socket's task.
+    // Set up outside the task's future: whatever an async fn holds across an await (its
+    // arguments, tungstenite's stream before the split, the writer's future before the
+    // spawn) is reserved in the task for the socket's whole life (idle memory, issue 11).
+    let started = start(stream, preread, &att, rx);
+    async move {
+        let Some((stream, mut writer, io)) = started else {
+            return; // dropping `att` detaches the socket
+        };
+        // Borrowed from the attachment, not copied: each copy would live in every socket's
+        // task.
+        let conf = att.conf();
+        let (stream, end, received) = read_loop(stream, &mut writer, &att, conf, &io).await;
+        // Senders still waiting for room in this socket's queue give up at once, and the
+        // session's cascades run now, not after the goodbye below.
+        att.outbox.shut();
+        att.detach();
+        match end {
+            ReadEnd::Linger(sink) => {
+                Box::pin(linger(
+                    stream,
+                    sink,
+                    writer,
+                    &att.outbox,
+                    conf.close_grace(),
+                ))
+                .await
+            }
+            ReadEnd::Drop => writer.abort(),
+        }
+        // What is still queued will never be written.
+        att.outbox.settle();
+        log_closed(&att, &io, &received);
+    }
+}
+
+/// tungstenite over [`Activity`], split into the read half (returned) and the write half
+/// (moved into the writer task, spawned here). `None` if tokio-tungstenite's constructor did
+/// not complete at once (it always does: it only wraps the stream).
+#[allow(clippy::type_complexity)]
+fn start<S>(
+    stream: S,
+    preread: Vec<u8>,
+    att: &Attachment,
+    rx: OutboxReceiver,
+) -> Option<(
+    Stream<S>,
+    tokio::task::JoinHandle<(WriterEnd, Sink<S>)>,
+    Arc<IoClock>,
+)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conf = att.conf();
     let config = ws_config(&att.kind, conf);
     // The pipelined bytes go through the ingress tracker like every later byte.
     let (stream, io) = Activity::new(stream, preread, att.hub(), message_limit(&att.kind, conf));
-    // Boxed, like the end of the socket below: one-off steps whose state would otherwise be
-    // reserved in the task for the socket's whole life (idle memory, spec §0 targets).
-    let mut ws = Box::pin(WebSocketStream::from_raw_socket(
-        stream,
-        WsRole::Server,
-        Some(config),
-    ))
-    .await;
-    // This task is the reader (`read_loop` below): read readiness wakes it alone.
-    ws.get_mut().reader = Some(std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await);
+    let Some(ws) =
+        WebSocketStream::from_raw_socket(stream, WsRole::Server, Some(config)).now_or_never()
+    else {
+        warn!("{}: the WebSocket stream did not start", att.describe());
+        return None;
+    };
     let (sink, stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(
+    let writer = tokio::spawn(write_loop(
         sink,
         rx,
         att.outbox.clone(),
@@ -140,27 +193,7 @@ where
         conf.ping_interval(),
         conf.slow_consumer_timeout(),
     ));
-    let (stream, end, received) = read_loop(stream, &mut writer, &att, conf, &io).await;
-    // Senders still waiting for room in this socket's queue give up at once, and the
-    // session's cascades run now, not after the goodbye below.
-    att.outbox.shut();
-    att.detach();
-    match end {
-        ReadEnd::Linger(sink) => {
-            Box::pin(linger(
-                stream,
-                sink,
-                writer,
-                &att.outbox,
-                conf.close_grace(),
-            ))
-            .await
-        }
-        ReadEnd::Drop => writer.abort(),
-    }
-    // What is still queued will never be written.
-    att.outbox.settle();
-    log_closed(&att, &io, &received);
+    Some((stream, writer, io))
 }
 
 /// What the reader saw of the peer: its data messages and its close frame.
@@ -252,11 +285,12 @@ struct Activity<S> {
     streaming: bool,
     ingress: Ingress,
     egress: Egress,
-    /// The reader task's waker, registered for read readiness instead of the waker
-    /// tokio-tungstenite passes (which wakes the reader *and* the writer task on every
-    /// inbound frame: a spurious poll of the writer and, with two runnable tasks, a wake-up
-    /// of another worker thread per relayed message; issue 11). Only the reader reads: the
-    /// writer's sink operations never call `poll_read`.
+    /// The reader task's waker (from [`IoClock::reader`] once the read loop has started),
+    /// registered for read readiness instead of the waker tokio-tungstenite passes, which
+    /// wakes the reader *and* the writer task on every inbound frame: a spurious poll of the
+    /// writer and, with two runnable tasks, a wake-up of another worker thread per relayed
+    /// message (issue 11). Only the reader reads: the writer's sink operations never call
+    /// `poll_read`.
     reader: Option<std::task::Waker>,
 }
 
@@ -335,6 +369,8 @@ struct IoClock {
     out_bytes: AtomicU64,
     /// The close frame the relay wrote (there is at most one): code and reason.
     sent_close: OnceLock<Box<(Option<u16>, String)>>,
+    /// The reader task's waker, set by the read loop's first poll (see [`Activity`]).
+    reader: OnceLock<std::task::Waker>,
     hub: Arc<SessionHub>,
 }
 
@@ -388,6 +424,7 @@ impl<S> Activity<S> {
             out_msgs: AtomicU64::new(0),
             out_bytes: AtomicU64::new(0),
             sent_close: OnceLock::new(),
+            reader: OnceLock::new(),
             hub: hub.clone(),
         });
         let ahead = (!preread.is_empty()).then(|| ReadAhead {
@@ -437,6 +474,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.reader.is_none() {
+            this.reader = this.io.reader.get().cloned();
+        }
         // Moved out and back, not cloned: no reference count traffic per read.
         let reader = this.reader.take();
         let res = match &reader {
@@ -668,7 +708,7 @@ where
                     att.hub().metrics().ping_timeouts.inc();
                 }
             }
-            frame = ReleaseAfterPoll { inner: stream.next(), held: &mut held }, if !stream_done => match frame {
+            frame = ReleaseAfterPoll { inner: stream.next(), held: &mut held, io }, if !stream_done => match frame {
                 None => break ReadEnd::Linger(returned.take().map(|(_, sink)| sink)),
                 Some(Ok(msg)) => {
                     if let Message::Ping(_) = msg {
@@ -735,15 +775,20 @@ where
 /// message stays referenced while tungstenite starts its next read, so that its read
 /// buffer, of which the payload is a slice, is replaced instead of kept (see
 /// `ingress::LARGE_FRAME_BYTES`).
+/// Its first poll also records the reader task's waker in `io` (see [`Activity`]).
 struct ReleaseAfterPoll<'a, F> {
     inner: F,
     held: &'a mut Option<Bytes>,
+    io: &'a IoClock,
 }
 
 impl<F: std::future::Future + Unpin> std::future::Future for ReleaseAfterPoll<'_, F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        if this.io.reader.get().is_none() {
+            let _ = this.io.reader.set(cx.waker().clone());
+        }
         let out = Pin::new(&mut this.inner).poll(cx);
         *this.held = None;
         out
@@ -1214,9 +1259,10 @@ mod tests {
     #[test]
     fn read_readiness_wakes_the_reader_task_not_the_caller() {
         let hub = SessionHub::new(crate::RelayConf::default());
-        let (mut a, _io) = Activity::new(Silent::default(), Vec::new(), &hub, 1 << 20);
+        let (mut a, io) = Activity::new(Silent::default(), Vec::new(), &hub, 1 << 20);
         let (reader, other) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
-        a.reader = Some(futures_util::task::waker(reader.clone()));
+        // What the read loop's first poll records.
+        let _ = io.reader.set(futures_util::task::waker(reader.clone()));
         // tokio-tungstenite polls with a waker that would wake the writer task too.
         let waker = futures_util::task::waker(other.clone());
         let mut space = [0u8; 16];
@@ -1231,6 +1277,17 @@ mod tests {
         assert_eq!(reader.0.load(Ordering::Relaxed), 1);
         assert_eq!(other.0.load(Ordering::Relaxed), 0);
         assert!(a.reader.is_some(), "kept for the next read");
+        // Before the read loop has started, reads are woken through the caller.
+        let (mut b, _io) = Activity::new(Silent::default(), Vec::new(), &hub, 1 << 20);
+        let mut buf = ReadBuf::new(&mut space);
+        let polled = Pin::new(&mut b).poll_read(&mut Context::from_waker(&waker), &mut buf);
+        assert!(polled.is_pending());
+        b.inner
+            .0
+            .take()
+            .expect("the inner stream was polled")
+            .wake();
+        assert_eq!(other.0.load(Ordering::Relaxed), 1);
     }
 
     /// A masked client frame with the all-zero key and `len` zero bytes of payload.
