@@ -23,7 +23,7 @@ use crate::protocol::{close, is_json_ping, ControlMessage, Role, SocketKind, Ver
 use crate::session::hub::{short_id, Attachment, SessionHub};
 use crate::session::Forward;
 use crate::socket::ingress::{FrameCursor, Ingress, Refusal, Step, LARGE_FRAME_BYTES};
-use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError};
+use crate::socket::outbox::{Command, Outbox, OutboxReceiver, SendError, Taken};
 use futures_util::future::join_all;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -1115,13 +1115,9 @@ where
         let first = tokio::select! {
             biased;
             _ = ping.tick() => Item::priority(Command::Send(Message::Ping(Bytes::new()))),
-            item = rx.priority.recv() => match item {
-                Some((cmd, cost)) => { outbox.priority_taken(cost); Item::priority(cmd) }
-                None => return (WriterEnd::Failed, sink),
-            },
-            item = rx.data.recv() => match item {
-                Some((cmd, cost)) => Item::data(cmd, cost),
-                None => return (WriterEnd::Failed, sink),
+            taken = rx.recv() => match taken {
+                Taken::Priority(cmd, cost) => { outbox.priority_taken(cost); Item::priority(cmd) }
+                Taken::Data(cmd, cost) => Item::data(cmd, cost),
             },
         };
         let started = Instant::now();
@@ -1133,7 +1129,9 @@ where
             // slow-consumer deadline means it stopped reading: give up on the socket.
             loop {
                 let progress = io.last_write().max(started);
+                // Biased, the batch first: a batch written at once never registers the timer.
                 tokio::select! {
+                    biased;
                     r = &mut batch => break Some(r),
                     _ = sleep_until(progress + stall) => {
                         if io.last_write().max(started) + stall <= Instant::now() {

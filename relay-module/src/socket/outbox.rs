@@ -6,8 +6,9 @@
 //! once, then returns the batch's bytes with [`Outbox::release`]. A producer that finds the
 //! data lane full waits for room, at most the slow-consumer deadline.
 //!
-//! Each lane is a `VecDeque` behind its own short lock plus a `Notify` for the one reader:
-//! an idle socket's lanes allocate nothing (tokio's channels preallocate blocks of 32 slots,
+//! Each lane is a `VecDeque` behind its own short lock, and one `Notify` wakes the one
+//! reader for either lane ([`OutboxReceiver::recv`]): an idle socket's lanes allocate
+//! nothing beyond their one shared block (tokio's channels preallocate blocks of 32 slots,
 //! about 5 KB per socket for two lanes).
 //!
 //! Metrics (bound once, at attach, by [`Outbox::bind_metrics`]): the payload bytes in the
@@ -57,20 +58,34 @@ pub enum SendError {
 /// Lane capacity kept when a lane empties; a larger one (after a burst) is given back.
 const LANE_KEEP_SLOTS: usize = 16;
 
-/// One lane: items with the bytes they hold, and the wake-up of its single reader.
+/// Which lane of [`Lanes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Priority,
+    Data,
+}
+
+/// Both lanes, items with the bytes they hold, and one wake-up for their single reader: the
+/// writer waits on one signal for either lane (one waiter-list entry per wait, not two;
+/// issue 11), and a socket holds one allocation for both.
 #[derive(Debug, Default)]
-struct Lane {
-    queue: Mutex<VecDeque<(Command, u32)>>,
+struct Lanes {
+    priority: Mutex<VecDeque<(Command, u32)>>,
+    data: Mutex<VecDeque<(Command, u32)>>,
     ready: Notify,
 }
 
-impl Lane {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<(Command, u32)>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+impl Lanes {
+    fn queue(&self, which: Which) -> std::sync::MutexGuard<'_, VecDeque<(Command, u32)>> {
+        let lane = match which {
+            Which::Priority => &self.priority,
+            Which::Data => &self.data,
+        };
+        lane.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, item: (Command, u32)) {
-        self.queue().push_back(item);
+    fn push(&self, which: Which, item: (Command, u32)) {
+        self.queue(which).push_back(item);
         // Stores a wake-up if the reader is not waiting yet (single reader).
         self.ready.notify_one();
     }
@@ -82,12 +97,15 @@ pub struct Empty;
 
 /// The reading end of one lane (owned by the socket's writer task).
 #[derive(Debug)]
-pub struct LaneReceiver(Arc<Lane>);
+pub struct LaneReceiver {
+    lanes: Arc<Lanes>,
+    which: Which,
+}
 
 impl LaneReceiver {
     /// Takes the oldest item without waiting.
     pub fn try_recv(&mut self) -> Result<(Command, u32), Empty> {
-        let mut queue = self.0.queue();
+        let mut queue = self.lanes.queue(self.which);
         let item = queue.pop_front().ok_or(Empty)?;
         if queue.is_empty() && queue.capacity() > LANE_KEEP_SLOTS {
             queue.shrink_to(LANE_KEEP_SLOTS);
@@ -102,7 +120,7 @@ impl LaneReceiver {
             if let Ok(item) = self.try_recv() {
                 return Some(item);
             }
-            self.0.ready.notified().await;
+            self.lanes.ready.notified().await;
         }
     }
 }
@@ -118,8 +136,7 @@ struct Meters {
 /// Producer handle of one socket's outbound queue; shared as `Arc<Outbox>`.
 #[derive(Debug)]
 pub struct Outbox {
-    priority: Arc<Lane>,
-    data: Arc<Lane>,
+    lanes: Arc<Lanes>,
     room: Semaphore,
     capacity: usize,
     priority_backlog: AtomicUsize,
@@ -145,6 +162,31 @@ pub struct OutboxReceiver {
     pub data: LaneReceiver,
 }
 
+/// An item taken by [`OutboxReceiver::recv`]: from the priority lane or the data lane.
+#[derive(Debug)]
+pub enum Taken {
+    /// A priority-lane item and its cost (give it back with [`Outbox::priority_taken`]).
+    Priority(Command, u32),
+    /// A data-lane item and its cost (give it back with [`Outbox::release`]).
+    Data(Command, u32),
+}
+
+impl OutboxReceiver {
+    /// Waits for the next item of either lane, priority lane first. Cancel-safe: an item is
+    /// taken only when returned.
+    pub async fn recv(&mut self) -> Taken {
+        loop {
+            if let Ok((cmd, cost)) = self.priority.try_recv() {
+                return Taken::Priority(cmd, cost);
+            }
+            if let Ok((cmd, cost)) = self.data.try_recv() {
+                return Taken::Data(cmd, cost);
+            }
+            self.data.lanes.ready.notified().await;
+        }
+    }
+}
+
 fn close_frame(code: u16, reason: &'static str) -> Command {
     Command::Close(CloseFrame {
         code: CloseCode::from(code),
@@ -155,11 +197,10 @@ fn close_frame(code: u16, reason: &'static str) -> Command {
 impl Outbox {
     /// A new queue holding at most `capacity_bytes` of data (at most `u32::MAX`).
     pub fn new(capacity_bytes: usize) -> (Outbox, OutboxReceiver) {
-        let (priority, data) = (Arc::new(Lane::default()), Arc::new(Lane::default()));
+        let lanes = Arc::new(Lanes::default());
         let capacity = capacity_bytes.clamp(1, u32::MAX as usize);
         let outbox = Outbox {
-            priority: priority.clone(),
-            data: data.clone(),
+            lanes: lanes.clone(),
             room: Semaphore::new(capacity),
             capacity,
             priority_backlog: AtomicUsize::new(0),
@@ -172,8 +213,14 @@ impl Outbox {
         (
             outbox,
             OutboxReceiver {
-                priority: LaneReceiver(priority),
-                data: LaneReceiver(data),
+                priority: LaneReceiver {
+                    lanes: lanes.clone(),
+                    which: Which::Priority,
+                },
+                data: LaneReceiver {
+                    lanes,
+                    which: Which::Data,
+                },
             },
         )
     }
@@ -245,7 +292,8 @@ impl Outbox {
             self.close_slow_consumer();
             return false;
         }
-        self.priority.push((Command::Send(msg), cost as u32));
+        self.lanes
+            .push(Which::Priority, (Command::Send(msg), cost as u32));
         true
     }
 
@@ -261,7 +309,7 @@ impl Outbox {
         let cost = (msg.len() + PER_MESSAGE_OVERHEAD).min(self.capacity);
         let taken = self.room.forget_permits(cost) as u32;
         self.queued_add(msg.len());
-        self.data.push((Command::Send(msg), taken));
+        self.lanes.push(Which::Data, (Command::Send(msg), taken));
     }
 
     /// Queues a data message if there is room now; gives it back otherwise (queue full, or
@@ -272,7 +320,7 @@ impl Outbox {
             Ok(permit) => {
                 permit.forget();
                 self.queued_add(msg.len());
-                self.data.push((Command::Send(msg), cost));
+                self.lanes.push(Which::Data, (Command::Send(msg), cost));
                 Ok(())
             }
             Err(_) => Err(msg),
@@ -302,7 +350,7 @@ impl Outbox {
         };
         permit.forget();
         self.queued_add(msg.len());
-        self.data.push((Command::Send(msg), cost));
+        self.lanes.push(Which::Data, (Command::Send(msg), cost));
         Ok(())
     }
 
@@ -336,7 +384,8 @@ impl Outbox {
     pub fn close(&self, code: u16, reason: &'static str) -> bool {
         let first = self.begin_close();
         if first {
-            self.priority.push((close_frame(code, reason), 0));
+            self.lanes
+                .push(Which::Priority, (close_frame(code, reason), 0));
         }
         first
     }
@@ -345,7 +394,7 @@ impl Outbox {
     /// cascades 1001 / 1012, so a peer's last frames are not lost; spec §3.9).
     pub fn close_in_order(&self, code: u16, reason: &'static str) {
         if self.begin_close() {
-            self.data.push((close_frame(code, reason), 0));
+            self.lanes.push(Which::Data, (close_frame(code, reason), 0));
         }
     }
 
@@ -356,7 +405,7 @@ impl Outbox {
 
     /// Asks the writer to flush and stop, handing the write half back (the socket is ending).
     pub fn finish(&self) {
-        self.priority.push((Command::Finish, 0));
+        self.lanes.push(Which::Priority, (Command::Finish, 0));
     }
 
     /// Whether a close was requested.
@@ -382,6 +431,39 @@ impl Drop for Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_wait_takes_either_lane_priority_first() {
+        let (outbox, mut rx) = Outbox::new(1 << 20);
+        assert!(outbox.try_send_data(Message::binary(vec![1u8; 10])).is_ok());
+        assert!(outbox.push_control(Message::text("{\"type\":\"pong\"}")));
+        match rx.recv().await {
+            Taken::Priority(Command::Send(m), cost) => {
+                assert_eq!(m, Message::text("{\"type\":\"pong\"}"));
+                assert_eq!(cost, 15 + PER_MESSAGE_OVERHEAD as u32);
+            }
+            other => panic!("{other:?}"),
+        }
+        match rx.recv().await {
+            Taken::Data(Command::Send(m), cost) => {
+                assert_eq!(m, Message::binary(vec![1u8; 10]));
+                assert_eq!(cost, 10 + PER_MESSAGE_OVERHEAD as u32);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Empty: the wait ends when either lane gets an item.
+        let waiting = tokio::spawn(async move { rx.recv().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        outbox.close(1001, "bye");
+        match waiting.await.unwrap() {
+            Taken::Priority(Command::Close(f), 0) => {
+                assert_eq!(u16::from(f.code), 1001);
+                assert_eq!(f.reason.as_str(), "bye");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn priority_and_data_lanes() {
