@@ -73,8 +73,9 @@ const WRITE_BUFFER_BYTES: usize = 8 << 10;
 /// socket keeps a message-sized write buffer after it (issue 11).
 const MAX_FRAME_OUT_BYTES: usize = 8 << 10;
 
-/// A timer set this far ahead is off: the read loop's timer after it fired, until the loop
-/// sets the next deadline.
+/// Where the read loop's timer is parked after it fired, until the top of the loop sets the
+/// next deadline (always earlier than this). Should it fire anyway (a configured timeout
+/// over a day), the loop finds the deadline not reached and sets it again: harmless.
 const NEVER: Duration = Duration::from_secs(24 * 3600);
 
 /// Largest payload of a close frame the relay sends (RFC 6455 §5.5: 125 bytes).
@@ -289,8 +290,11 @@ struct Activity<S> {
     /// registered for read readiness instead of the waker tokio-tungstenite passes, which
     /// wakes the reader *and* the writer task on every inbound frame: a spurious poll of the
     /// writer and, with two runnable tasks, a wake-up of another worker thread per relayed
-    /// message (issue 11). Only the reader reads: the writer's sink operations never call
-    /// `poll_read`.
+    /// message (issue 11). Only the reader reads: the writer's sink operations (tungstenite
+    /// 0.30 `write`, `flush`, `close`; TCP and tokio-rustls writes) never call `poll_read`.
+    /// One exception, on a connection that is failing anyway: tokio-rustls writes a TLS
+    /// alert from inside a read that failed to decode, registering the reader's waker for
+    /// write readiness; a writer blocked at that moment is then bounded by its stall timer.
     reader: Option<std::task::Waker>,
 }
 
@@ -1252,6 +1256,26 @@ mod tests {
             self.0 = Some(cx.waker().clone());
             Poll::Pending
         }
+    }
+
+    #[test]
+    fn the_read_loops_poll_records_its_waker_and_releases_the_held_payload() {
+        let hub = SessionHub::new(crate::RelayConf::default());
+        let (_a, io) = Activity::new(Silent::default(), Vec::new(), &hub, 1 << 20);
+        let task = Arc::new(Wakes::default());
+        let waker = futures_util::task::waker(task.clone());
+        let mut held = Some(Bytes::from(vec![0u8; LARGE_FRAME_BYTES as usize]));
+        let mut next = ReleaseAfterPoll {
+            inner: std::future::pending::<()>(),
+            held: &mut held,
+            io: &io,
+        };
+        let polled =
+            std::future::Future::poll(Pin::new(&mut next), &mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        assert!(held.is_none(), "released after the poll");
+        io.reader.get().expect("recorded").wake_by_ref();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]

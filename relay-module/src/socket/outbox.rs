@@ -113,8 +113,11 @@ impl LaneReceiver {
         Ok(item)
     }
 
-    /// Waits for the oldest item. Cancel-safe: an item is taken only when returned. Never
-    /// `None` (the writer holds the producer side); kept as an `Option` like a channel.
+    /// Waits for the oldest item of this lane (tests only). Cancel-safe: an item is taken
+    /// only when returned. Never `None`. Both lanes share one wake-up that wakes one waiter,
+    /// so this must never wait alongside the other lane's `recv` (a push could wake the
+    /// wrong one): the writer waits with [`OutboxReceiver::recv`].
+    #[cfg(test)]
     pub async fn recv(&mut self) -> Option<(Command, u32)> {
         loop {
             if let Ok(item) = self.try_recv() {
@@ -451,7 +454,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Empty: the wait ends when either lane gets an item.
+        // Empty: the wait ends when either lane gets an item (data, then priority).
+        let waiting = tokio::spawn(async move { (rx.recv().await, rx) });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert!(outbox.try_send_data(Message::binary(vec![2u8; 3])).is_ok());
+        let mut rx = match waiting.await.unwrap() {
+            (Taken::Data(Command::Send(m), cost), rx) => {
+                assert_eq!(m, Message::binary(vec![2u8; 3]));
+                assert_eq!(cost, 3 + PER_MESSAGE_OVERHEAD as u32);
+                rx
+            }
+            (other, _) => panic!("{other:?}"),
+        };
         let waiting = tokio::spawn(async move { rx.recv().await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
