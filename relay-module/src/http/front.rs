@@ -175,7 +175,13 @@ where
 {
     /// Pingora's HTTP/1 keep-alive loop (`ServerApp` for an `HttpServerApp`), except that
     /// Pingora's own keep-alive timeout is off: the [`HeadDeadline`] decides.
-    async fn serve<S: IO + 'static>(&self, stream: HeadDeadline<S>, shutdown: &ShutdownWatch) {
+    async fn serve<S: IO + 'static>(&self, mut stream: HeadDeadline<S>, shutdown: &ShutdownWatch) {
+        // The first head is awaited here, not in Pingora: Pingora abandons a request still
+        // waiting for its head when the service stops (`http_cleanup`), so a connection
+        // accepted just before a graceful upgrade or a shutdown would be closed without an
+        // answer. Bounded by the head deadline (408) and the process's grace period. An
+        // idle keep-alive connection is still closed at once.
+        std::future::poll_fn(|cx| stream.poll_head(cx)).await;
         let mut stream: Stream = Box::new(stream);
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
@@ -298,6 +304,23 @@ impl<S> HeadDeadline<S> {
             inner,
             state: State::Waiting(Box::new(wait)),
         }
+    }
+
+    /// Ready once the head is complete (handed to the reader next, none of it consumed) or
+    /// the wait is over (expiry answered, closed, failed: the reader then sees the end).
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<()>
+    where
+        S: AsyncRead + AsyncWrite + GetSocketDigest + Unpin,
+    {
+        let State::Waiting(wait) = &mut self.state else {
+            return Poll::Ready(());
+        };
+        // Closed or failed (not `Some`): the wait is in its closed phase, and reads end the
+        // stream.
+        if let Ok(Some(bytes)) = ready!(wait.poll(&mut self.inner, cx)) {
+            self.state = State::Handing { bytes, read: 0 };
+        }
+        Poll::Ready(())
     }
 
     /// After a request: waits for the next head, first for `keepalive` idle time. Bytes of
@@ -780,6 +803,29 @@ mod tests {
         client.write_all(b"more").await.unwrap();
         let n = s.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"more");
+        assert_eq!(expired.get(), 0);
+    }
+
+    /// `serve` awaits the first head itself (Pingora would drop it on a shutdown): the wait
+    /// ends once the head is complete, and the reader then gets all of it at once.
+    #[tokio::test]
+    async fn the_first_head_is_awaited_without_consuming_it() {
+        let (d, expired) = deadlines(1000, 1000);
+        let (mut client, server) = duplex(1 << 16);
+        let mut s = HeadDeadline::new(server, Instant::now(), &d);
+        client.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        let early = tokio::time::timeout(
+            Duration::from_millis(50),
+            std::future::poll_fn(|cx| s.poll_head(cx)),
+        )
+        .await;
+        assert!(early.is_err(), "the head is not complete yet");
+        client.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        std::future::poll_fn(|cx| s.poll_head(cx)).await;
+        assert!(matches!(s.state, State::Handing { read: 0, .. }));
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(expired.get(), 0);
     }
 
